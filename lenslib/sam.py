@@ -1,0 +1,597 @@
+"""SAM2 as LENS uses it: P_seg = pi_sam(Q_seg, I) (paper eq. 4, Fig. 2).
+
+Two halves with two different lives:
+
+* The IMAGE ENCODER (Hiera trunk + FPN neck) is frozen in both training stages. Its output
+  depends only on the image, so it is computed once per image and kept in a `FeatureCache`
+  (memory, optionally disk) that serves every epoch and all G rollouts of a GRPO group.
+* The PROMPT ENCODER + MASK DECODER read the prompts. LENS's prompts are the connector's
+  context tokens Q_seg (B, K, 256): they are concatenated AFTER the prompt encoder's sparse output,
+  exactly where box-corner or point embeddings would go, so SAM2's code is used unchanged.
+  The dense prompt is `no_mask_embed`, what the prompt encoder gives when there is no mask.
+  The decoder is trained in stage 2 (GRPO), so gradients flow from the mask logits into the
+  context tokens and into the decoder, never into the image encoder.
+
+Everything is built with the `sam2` package (`build_sam2` + hydra configs): the full model is the
+authors' SAM 2.0 hiera-L (`sam2_hiera_l.yaml`, 1024 px); the toy model is the same config with
+size overrides (`SamConfig.toy()`), so both run the same code.
+
+A detail worth knowing: SAM2 keeps two 1x1 convs (`conv_s0`, `conv_s1`) inside the mask decoder
+but applies them to the high-res features in `forward_image`, i.e. on the encoder side. The
+authors train the whole decoder, these convs included. Caching their output would freeze them,
+so `SamConfig.train_high_res_convs` chooses:
+  False (default): cache the projected maps (as `SAM2ImagePredictor.set_image` stores them);
+                   conv_s0/conv_s1 stay frozen; ~17 MB per 1024-px image (float32).
+  True (authors):  cache the neck's raw high-res maps and apply conv_s0/conv_s1 in `decode`,
+                   so they train; ~88 MB per 1024-px image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sam2  # importing sam2 initialises hydra with the package's config directory
+import torch
+import torch.nn.functional as F
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from safetensors.torch import load_file, save_file
+from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.functional import resize
+
+# ImageNet statistics on 0-255 pixel values (the authors' pixel_mean / pixel_std).
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+# Hydra overrides that shrink the hiera-L config to a laptop-sized toy (facts, section 6):
+# Hiera trunk 16 -> 128 channels over 4 stages of 1, 1, 2, 1 blocks (~0.36 M parameters).
+# The prompt encoder and mask decoder keep SAM2's fixed width of 256 (~4.2 M parameters).
+TOY_OVERRIDES = (
+    "++model.image_encoder.trunk.embed_dim=16",
+    "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+)
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """How to build SAM2 and where to keep its image features.
+
+    config_name:  a config of the sam2 package: "sam2_hiera_l.yaml" (SAM 2.0, the authors'
+                  choice), "sam2.1_hiera_l.yaml", or a path inside the package such as
+                  "configs/sam2.1/sam2.1_hiera_t.yaml".
+    checkpoint:   a SAM2 checkpoint file (`{"model": state_dict}`, as Meta ships them); None
+                  builds random weights.
+    image_size:   side of the square SAM input in pixels (1024 for the real model; multiple of 32).
+    overrides:    extra hydra overrides ("++model.key=value").
+    train_high_res_convs: see the module docstring (False: frozen, smaller cache; True: authors).
+    cache_size:   how many images' features the in-memory cache keeps (least recently used out).
+    cache_dir:    optional directory for a safetensors disk cache shared across runs.
+    """
+
+    config_name: str = "sam2_hiera_l.yaml"
+    checkpoint: str | None = None
+    image_size: int = 1024
+    overrides: tuple[str, ...] = ()
+    train_high_res_convs: bool = False
+    cache_size: int = 64
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0 or self.image_size % 32 != 0:
+            raise ValueError(
+                f"SamConfig.image_size must be a positive multiple of 32, got {self.image_size}"
+            )
+        if self.cache_size < 1:
+            raise ValueError(f"SamConfig.cache_size must be >= 1, got {self.cache_size}")
+
+    @classmethod
+    def toy(cls, **changes) -> SamConfig:
+        """The hiera-L config shrunk to 128 px and a tiny trunk (random weights, CPU-friendly)."""
+        settings = {"image_size": 128, "overrides": TOY_OVERRIDES} | changes
+        return cls(**settings)
+
+    def hydra_overrides(self) -> list[str]:
+        """Overrides passed to `build_sam2`: the image size first, then `overrides`."""
+        return [f"++model.image_size={self.image_size}", *self.overrides]
+
+
+def resolve_config_name(name: str) -> str:
+    """Find `name` among the sam2 package's configs; return the name hydra's `compose` expects."""
+    if not name.endswith(".yaml"):
+        name = f"{name}.yaml"
+    root = Path(sam2.__file__).parent
+    for candidate in (name, f"configs/sam2/{name}", f"configs/sam2.1/{name}"):
+        if (root / candidate).is_file():
+            return candidate
+    known = sorted(p.name for p in root.glob("configs/sam2*/*.yaml"))
+    raise FileNotFoundError(
+        f"SamConfig.config_name {name!r} is not a config of the sam2 package; known: {known}"
+    )
+
+
+def build_sam(cfg: SamConfig, device: str | torch.device = "cpu") -> SAM2Base:
+    """Build SAM2 with the package's own `build_sam2` (random weights unless cfg.checkpoint).
+
+    `build_sam2` also switches on SAM2's "dynamic multimask" post-processing flag; `decode` makes
+    that choice explicit instead (`stability_fallback`). The video-memory modules are deleted
+    afterwards, as the authors do: images never use them.
+    """
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
+        raise FileNotFoundError(
+            f"SAM2 checkpoint not found (SamConfig.checkpoint): {cfg.checkpoint}"
+        )
+    if not GlobalHydra.instance().is_initialized():  # someone cleared hydra since `import sam2`
+        initialize_config_module("sam2", version_base="1.2")
+    model = build_sam2(
+        resolve_config_name(cfg.config_name),
+        ckpt_path=cfg.checkpoint,
+        device=str(device),
+        hydra_overrides_extra=cfg.hydra_overrides(),
+    )
+    del model.memory_attention, model.memory_encoder, model.maskmem_tpos_enc
+    return model
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of scalar parameters in `module`."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(sam: SAM2Base) -> dict[str, int]:
+    """Parameters of image encoder / prompt encoder / mask decoder / the rest, and the total."""
+    counts = {
+        "image_encoder": count_parameters(sam.image_encoder),
+        "prompt_encoder": count_parameters(sam.sam_prompt_encoder),
+        "mask_decoder": count_parameters(sam.sam_mask_decoder),
+    }
+    total = count_parameters(sam)
+    counts["other"] = total - sum(counts.values())
+    counts["total"] = total
+    return counts
+
+
+def _check_image(image: np.ndarray, index: int) -> None:
+    """Raise if `image` is not an (H, W, 3) uint8 RGB array."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise ValueError(f"images[{index}] must be an (H, W, 3) RGB array, got {shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"images[{index}] must be uint8 (0-255), got {image.dtype}")
+
+
+def preprocess_images(images: Sequence[np.ndarray], image_size: int) -> Tensor:
+    """(H, W, 3) uint8 images -> (N, 3, S, S) float SAM input.
+
+    Resize to S x S without keeping the aspect ratio (no padding), bilinear with antialiasing
+    like `SAM2Transforms`, then normalise with ImageNet mean/std on 0-255 values. (The authors
+    resize the uint8 image with PIL or cv2 first; the difference is below one grey level.)
+    """
+    batch = []
+    for i, image in enumerate(images):
+        _check_image(image, i)
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        batch.append(
+            resize(pixels, [image_size, image_size], InterpolationMode.BILINEAR, antialias=True)
+        )
+    x = torch.stack(batch)  # (N, 3, S, S), values 0..255
+    mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def image_hash(image: np.ndarray) -> str:
+    """Content hash of an image (its pixels and shape): the per-image half of a cache key."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class SamFeatures:
+    """Frozen image features of N images, as `SAM2ImagePredictor.set_image` computes them.
+
+    image_embed: (N, 256, S/16, S/16) lowest-resolution map, `no_mem_embed` already added.
+    high_res:    ((N, C0, S/4, S/4), (N, C1, S/8, S/8)); C0, C1 = 32, 64 after the decoder's
+                 conv_s0/conv_s1, or 256, 256 (raw neck output) when train_high_res_convs.
+                 Empty for a config without high-res features.
+    """
+
+    image_embed: Tensor
+    high_res: tuple[Tensor, ...]
+
+    def __len__(self) -> int:
+        return self.image_embed.shape[0]
+
+    def select(self, index: int) -> SamFeatures:
+        """Features of one image (batch 1), copied so they do not pin the whole batch in memory."""
+        return SamFeatures(
+            image_embed=self.image_embed[index : index + 1].clone(),
+            high_res=tuple(level[index : index + 1].clone() for level in self.high_res),
+        )
+
+    @staticmethod
+    def cat(items: Sequence[SamFeatures]) -> SamFeatures:
+        """Stack per-image features along the batch axis (one per prompt, or one shared)."""
+        if len(items) == 1:
+            return items[0]
+        return SamFeatures(
+            image_embed=torch.cat([f.image_embed for f in items]),
+            high_res=tuple(torch.cat(level) for level in zip(*(f.high_res for f in items))),
+        )
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Flat name -> tensor dict for safetensors."""
+        tensors = {"image_embed": self.image_embed}
+        tensors.update({f"high_res_{i}": level for i, level in enumerate(self.high_res)})
+        return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, Tensor], device: torch.device) -> SamFeatures:
+        """Inverse of `to_tensors`."""
+        levels = sorted(name for name in tensors if name.startswith("high_res_"))
+        return SamFeatures(
+            image_embed=tensors["image_embed"].to(device),
+            high_res=tuple(tensors[name].to(device) for name in levels),
+        )
+
+
+class FeatureCache:
+    """Per-image features: an in-memory LRU dict (at most `max_items`) and an optional disk copy.
+
+    Keys are "<model fingerprint>/<image hash>", so features of another model or another image
+    are never served. Disk files: <cache_dir>/<fingerprint>/<image hash>.safetensors.
+    `hits` counts lookups served from memory or disk; `misses` counts lookups that found
+    nothing (the caller then runs the encoder and `put`s the result).
+    """
+
+    def __init__(self, max_items: int, cache_dir: str | Path | None = None) -> None:
+        self.max_items = max_items
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.memory: OrderedDict[str, SamFeatures] = OrderedDict()
+        self.hits = 0
+        self.disk_hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.cache_dir / f"{key}.safetensors"
+
+    def get(self, key: str, device: torch.device) -> SamFeatures | None:
+        """Features for `key` from memory, else from disk (then kept in memory), else None."""
+        if key in self.memory:
+            self.memory.move_to_end(key)
+            self.hits += 1
+            return self.memory[key]
+        if self.cache_dir is not None and self._path(key).is_file():
+            features = SamFeatures.from_tensors(load_file(self._path(key)), device)
+            self._remember(key, features)
+            self.hits += 1
+            self.disk_hits += 1
+            return features
+        self.misses += 1
+        return None
+
+    def put(self, key: str, features: SamFeatures) -> None:
+        """Keep `features` in memory (evicting the least recently used) and on disk if enabled."""
+        self._remember(key, features)
+        if self.cache_dir is not None:
+            self._path(key).parent.mkdir(parents=True, exist_ok=True)
+            save_file(features.to_tensors(), str(self._path(key)))
+
+    def _remember(self, key: str, features: SamFeatures) -> None:
+        self.memory[key] = features
+        self.memory.move_to_end(key)
+        while len(self.memory) > self.max_items:
+            self.memory.popitem(last=False)
+
+    def clear_memory(self) -> None:
+        """Forget the in-memory features (disk files stay)."""
+        self.memory.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Counters and size, e.g. for logging."""
+        return {
+            "hits": self.hits,
+            "disk_hits": self.disk_hits,
+            "misses": self.misses,
+            "in_memory": len(self.memory),
+        }
+
+
+@dataclass
+class SamOutput:
+    """What `decode` returns for B prompts (C = 1 mask per prompt, or 3 with multimask).
+
+    logits:         (B, C, H, W) when all original sizes are equal, else a list of B tensors
+                    (C, H_i, W_i); either way `logits[i]` is sample i at its original size.
+                    Mask = logits > 0.
+    iou_pred:       (B, C) SAM's predicted IoU of each returned mask.
+    low_res_logits: (B, C, S/4, S/4) the decoder's output before upsampling.
+    """
+
+    logits: Tensor | list[Tensor]
+    iou_pred: Tensor
+    low_res_logits: Tensor
+
+
+class SamSegmenter(nn.Module):
+    """SAM2 with a frozen, cached image encoder and a trainable prompt encoder + mask decoder.
+
+    Typical use (one image, G rollouts of a GRPO group, context tokens from the connector):
+        features = sam.encode([image])                   # batch 1, cached
+        out = sam.decode(features, context_tokens=q_seg, orig_sizes=[image.shape[:2]] * G)
+    """
+
+    def __init__(self, cfg: SamConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sam = build_sam(cfg, device)
+        self.cache = FeatureCache(cfg.cache_size, cfg.cache_dir)
+        self._fingerprint: str | None = None
+        self.sam.requires_grad_(False)
+        self.set_decoder_trainable(True)
+        self.sam.image_encoder.eval()
+
+    # ---- parameters and modes -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.sam.no_mem_embed.device
+
+    @property
+    def prompt_dim(self) -> int:
+        """Width of SAM's prompt tokens (256): the connector must project to this."""
+        return self.sam.sam_prompt_embed_dim
+
+    def set_decoder_trainable(self, trainable: bool) -> None:
+        """Stage 1 (eq. 5): False, all of SAM frozen. Stage 2 (eq. 12): True, the prompt encoder and
+        mask decoder train. The image encoder (and no_mem_embed) is frozen in both."""
+        self.sam.sam_prompt_encoder.requires_grad_(trainable)
+        self.sam.sam_mask_decoder.requires_grad_(trainable)
+        if not self.cfg.train_high_res_convs:  # their output is cached, so they cannot learn
+            self.sam.sam_mask_decoder.conv_s0.requires_grad_(False)
+            self.sam.sam_mask_decoder.conv_s1.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that currently require gradients (for the optimiser)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """See `parameter_counts`."""
+        return parameter_counts(self.sam)
+
+    def train(self, mode: bool = True) -> SamSegmenter:
+        """Like nn.Module.train, but the frozen image encoder always stays in eval mode."""
+        super().train(mode)
+        self.sam.image_encoder.eval()
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict, then forget cached features (the encoder may have changed)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.reset_cache()
+        return result
+
+    # ---- frozen image encoder + cache -----------------------------------------------------
+    def fingerprint(self) -> str:
+        """Hash of the config and of every weight the cached features depend on (computed once)."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=12)
+            digest.update(repr(self.cfg.hydra_overrides()).encode())
+            digest.update(f"{self.cfg.config_name}|{self.cfg.train_high_res_convs}".encode())
+            frozen = [self.sam.image_encoder, self.sam.no_mem_embed]
+            if not self.cfg.train_high_res_convs:
+                frozen += [self.sam.sam_mask_decoder.conv_s0, self.sam.sam_mask_decoder.conv_s1]
+            for part in frozen:
+                tensors = [part] if isinstance(part, Tensor) else part.state_dict().values()
+                for t in tensors:
+                    digest.update(str(t.dtype).encode())
+                    digest.update(t.detach().float().cpu().contiguous().numpy())  # no copy
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def reset_cache(self) -> None:
+        """Forget in-memory features and the fingerprint: call after changing encoder weights."""
+        self.cache.clear_memory()
+        self._fingerprint = None
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[np.ndarray]) -> SamFeatures:
+        """Features of N (H, W, 3) uint8 images, batch N; the encoder runs only for cache misses.
+
+        Repeated images (within the call or across calls) are encoded once.
+        """
+        if len(images) == 0:
+            raise ValueError("encode needs at least one image")
+        keys = [f"{self.fingerprint()}/{image_hash(image)}" for image in images]
+        found: dict[str, SamFeatures] = {}
+        to_encode: dict[str, np.ndarray] = {}
+        for key, image in zip(keys, images):
+            if key in found or key in to_encode:
+                self.cache.hits += 1  # a duplicate within this call: served by the same result
+                continue
+            features = self.cache.get(key, self.device)
+            if features is None:
+                to_encode[key] = image
+            else:
+                found[key] = features
+        if to_encode:
+            computed = self.run_image_encoder(list(to_encode.values()))
+            for i, key in enumerate(to_encode):
+                found[key] = computed.select(i)
+                self.cache.put(key, found[key])
+        return SamFeatures.cat([found[key] for key in keys])
+
+    @torch.no_grad()
+    def run_image_encoder(self, images: Sequence[np.ndarray]) -> SamFeatures:
+        """No cache: what `SAM2ImagePredictor.set_image` computes, for a batch of images.
+
+        forward_image (Hiera + FPN neck [+ conv_s0/conv_s1]) -> _prepare_backbone_features ->
+        add no_mem_embed to the lowest-resolution level -> maps back to (N, C, h, w).
+        """
+        pixels = preprocess_images(images, self.cfg.image_size)
+        pixels = pixels.to(self.device, self.sam.no_mem_embed.dtype)
+        if self.cfg.train_high_res_convs:
+            backbone_out = self.sam.image_encoder(pixels)  # conv_s0/conv_s1 run later, in decode
+        else:
+            backbone_out = self.sam.forward_image(pixels)
+        _, vision_feats, _, feat_sizes = self.sam._prepare_backbone_features(backbone_out)
+        if self.sam.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + self.sam.no_mem_embed
+        n = pixels.shape[0]
+        # each level is flattened as (h*w, N, C); turn it back into (N, C, h, w)
+        maps = [
+            feat.permute(1, 2, 0).reshape(n, -1, h, w)
+            for feat, (h, w) in zip(vision_feats, feat_sizes)
+        ]
+        return SamFeatures(image_embed=maps[-1], high_res=tuple(maps[:-1]))
+
+    # ---- trainable prompt encoder + mask decoder ------------------------------------------
+    def embed_prompts(
+        self, batch: int, boxes: Tensor | None, orig_sizes: Sequence[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """SAM2's prompt encoder: sparse (B, 3 or 0, 256) box tokens and dense (B, 256, h, w).
+
+        A box (x1, y1, x2, y2) in ORIGINAL image pixels is scaled to SAM's S x S input frame,
+        then enters as two corner points (labels 2, 3), exactly as `SAM2ImagePredictor` does;
+        the prompt encoder appends one padding point. Without a mask prompt the dense
+        embedding is `no_mask_embed` broadcast over the image grid.
+        """
+        points = None
+        if boxes is not None:
+            hw = torch.tensor(orig_sizes, dtype=torch.float32, device=boxes.device)  # (B, 2)
+            scale = self.cfg.image_size / hw.flip(1)  # (B, 2): S / W, S / H
+            corners = boxes.float().reshape(-1, 2, 2) * scale[:, None, :]  # (B, 2, 2) as (x, y)
+            labels = torch.tensor([[2, 3]], dtype=torch.int, device=boxes.device).repeat(batch, 1)
+            points = (corners.to(self.device), labels.to(self.device))
+        sparse, dense = self.sam.sam_prompt_encoder(points=points, boxes=None, masks=None)
+        # with no prompt at all the prompt encoder answers for batch 1: broadcast to B
+        return sparse.expand(batch, -1, -1), dense.expand(batch, -1, -1, -1)
+
+    def decode(
+        self,
+        features: SamFeatures,
+        context_tokens: Tensor | None = None,
+        boxes: Tensor | None = None,
+        orig_sizes: Sequence[tuple[int, int]] | None = None,
+        multimask: bool = False,
+        stability_fallback: bool = False,
+    ) -> SamOutput:
+        """Masks for B prompts; gradients reach `context_tokens` and the decoder.
+
+        features:       batch 1 (one image shared by all B prompts, e.g. a GRPO group: the
+                        decoder repeats it internally, no copy here) or batch B.
+        context_tokens: (B, K, 256) LENS's Q_seg, appended after the box tokens (if any).
+        boxes:          (B, 4) x1, y1, x2, y2 in original image pixels, or None (LENS default).
+        orig_sizes:     B (H, W) pairs: logits are upsampled (bilinear) to these sizes.
+        multimask:      False: mask token 0 (authors, training and eval); True: the 3 masks.
+        stability_fallback: SAM2's "dynamic multimask": where token 0's mask has stability
+                        score < 0.98, return the multimask output with the best predicted IoU
+                        (the authors' SAM2 build does this at eval). Single-mask mode only.
+        """
+        batch = self._check_decode_inputs(features, context_tokens, boxes, orig_sizes)
+        if multimask and stability_fallback:
+            raise ValueError("choose multimask=True or stability_fallback=True, not both")
+        sparse, dense = self.embed_prompts(batch, boxes, orig_sizes)
+        if context_tokens is not None:  # LENS: the context tokens are just more sparse prompts
+            sparse = torch.cat([sparse, context_tokens.to(sparse.dtype)], dim=1)  # (B, n+K, 256)
+
+        decoder = self.sam.sam_mask_decoder
+        high_res = list(features.high_res)
+        if self.cfg.train_high_res_convs and high_res:
+            high_res = [decoder.conv_s0(high_res[0]), decoder.conv_s1(high_res[1])]
+        # predict_masks returns all 4 mask tokens' outputs: (B, 4, S/4, S/4) and (B, 4)
+        all_masks, all_iou, _, _ = decoder.predict_masks(
+            image_embeddings=features.image_embed,
+            image_pe=self.sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            repeat_image=len(features) == 1,
+            high_res_features=high_res or None,
+        )
+        if multimask:
+            low_res, iou = all_masks[:, 1:], all_iou[:, 1:]
+        elif stability_fallback:
+            low_res, iou = decoder._dynamic_multimask_via_stability(all_masks, all_iou)
+        else:
+            low_res, iou = all_masks[:, :1], all_iou[:, :1]
+        return SamOutput(upsample_logits(low_res, orig_sizes), iou, low_res)
+
+    def _check_decode_inputs(
+        self,
+        features: SamFeatures,
+        context_tokens: Tensor | None,
+        boxes: Tensor | None,
+        orig_sizes: Sequence[tuple[int, int]] | None,
+    ) -> int:
+        """Validate shapes; return the number of prompts B."""
+        if context_tokens is None and boxes is None:
+            raise ValueError(
+                "SAM needs a prompt: pass context_tokens (B, K, 256) and/or boxes (B, 4)"
+            )
+        if context_tokens is not None and (
+            context_tokens.ndim != 3 or context_tokens.shape[2] != self.prompt_dim
+        ):
+            raise ValueError(
+                f"context_tokens must be (B, K, {self.prompt_dim}), got {tuple(context_tokens.shape)}"
+            )
+        if boxes is not None and (boxes.ndim != 2 or boxes.shape[1] != 4):
+            raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
+        sizes = {t.shape[0] for t in (context_tokens, boxes) if t is not None}
+        if len(sizes) != 1:
+            raise ValueError(f"context_tokens and boxes disagree on the batch size: {sizes}")
+        batch = sizes.pop()
+        if orig_sizes is None or len(orig_sizes) != batch:
+            raise ValueError(
+                f"orig_sizes must give one (H, W) per prompt ({batch}), got {orig_sizes}"
+            )
+        if len(features) not in (1, batch):
+            raise ValueError(
+                f"features hold {len(features)} images for {batch} prompts: pass one image "
+                "(shared by all prompts) or one per prompt (SamFeatures.cat)"
+            )
+        return batch
+
+    def forward(
+        self,
+        images: Sequence[np.ndarray],
+        context_tokens: Tensor | None = None,
+        boxes: Tensor | None = None,
+        multimask: bool = False,
+        stability_fallback: bool = False,
+    ) -> SamOutput:
+        """encode + decode: one prompt per image, or many prompts for a single image."""
+        features = self.encode(images)
+        prompts = context_tokens if context_tokens is not None else boxes
+        batch = prompts.shape[0] if prompts is not None else len(images)
+        sizes = [image.shape[:2] for image in images]
+        orig_sizes = sizes * batch if len(images) == 1 else sizes
+        return self.decode(
+            features, context_tokens, boxes, orig_sizes, multimask, stability_fallback
+        )
+
+
+def upsample_logits(
+    low_res: Tensor, orig_sizes: Sequence[tuple[int, int]]
+) -> Tensor | list[Tensor]:
+    """Bilinear upsampling of (B, C, h, w) logits to each sample's original (H, W).
+
+    One (B, C, H, W) tensor when all sizes are equal, else a list of (C, H_i, W_i).
+    """
+    sizes = [tuple(int(v) for v in size) for size in orig_sizes]
+    if len(set(sizes)) == 1:
+        return F.interpolate(low_res, sizes[0], mode="bilinear", align_corners=False)
+    return [
+        F.interpolate(low_res[i : i + 1], size, mode="bilinear", align_corners=False)[0]
+        for i, size in enumerate(sizes)
+    ]
