@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from lenslib.data.groundingsuite import GroundingSuiteDataset
+from lenslib.data.io import DataError, SkipLog, image_size, read_rgb
 from lenslib.data.masks import (
-    DataError,
     check_box,
     fill_labelled_polygons,
     mask_to_box,
@@ -69,6 +70,37 @@ def _runs_column_major(mask: np.ndarray) -> list[int]:
             value, length = v, 1
     runs.append(length)
     return runs
+
+
+# --------------------------------------------------------------------------------- io.py
+
+
+def test_skip_log_counts_keeps_first_messages_and_warns_once():
+    log = SkipLog("demo", keep=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        log.report()  # nothing skipped: no warning
+    log.skip("empty_mask", "a.json: empty")
+    log.skip("empty_mask", "b.json: empty")
+    log.skip("bad_box", "c.json: box")
+    assert log.counts == {"empty_mask": 2, "bad_box": 1} and log.details == ["a.json: empty"]
+    with pytest.warns(UserWarning, match=r"demo: skipped 3 record\(s\).*first: a.json"):
+        log.report()
+    with pytest.raises(DataError, match="c.json: box"):
+        SkipLog("demo", strict=True).skip("bad_box", "c.json: box")
+
+
+def test_image_size_and_read_rgb(tmp_path):
+    path = tmp_path / "gray.png"
+    Image.fromarray(np.full((5, 7), 200, dtype=np.uint8)).save(path)
+    assert image_size(path) == (5, 7)
+    rgb = read_rgb(path, "s0")
+    assert rgb.shape == (5, 7, 3) and rgb.dtype == np.uint8 and np.all(rgb == 200)
+    with pytest.raises(DataError, match="missing.png: image of s1 is missing"):
+        read_rgb(tmp_path / "missing.png", "s1")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.jpg: cannot decode the image of s2"):
+        read_rgb(tmp_path / "bad.jpg", "s2")
 
 
 # ------------------------------------------------------------------------------ masks.py

@@ -1,7 +1,7 @@
 """Data: the common sample type, the synthetic toy world and the real dataset loaders."""
 
 from lenslib.data.groundingsuite import GroundingSuiteDataset
-from lenslib.data.masks import DataError
+from lenslib.data.io import DataError
 from lenslib.data.reasonseg import ReasonSegDataset
 from lenslib.data.refer import ReferDataset
 from lenslib.data.sample import IGNORE_LABEL, SegSample

@@ -29,13 +29,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lenslib.data.io import DataError, SkipLog, image_size, read_rgb
 from lenslib.data.masks import (
-    DataError,
-    SkipLog,
     check_box,
-    image_size,
     mask_to_box,
-    read_rgb,
     segmentation_area,
     segmentation_to_mask,
 )

@@ -19,21 +19,15 @@ Masks here are ``(H, W) uint8`` arrays: 1 = object, 0 = background, 255 = ignore
 
 pycocotools does not validate its input: a polygon with 4 numbers is read as a *box*, and an
 RLE whose runs do not add up to ``h * w`` decodes to uninitialised memory. The functions below
-check both and raise ``ValueError`` with the reason; the loaders add file and record names.
-
-The end of the module holds what every loader shares: ``DataError``, the skip log and the
-image reader.
+check both and raise ``ValueError`` with the reason; the loaders add file and record names
+(``lenslib.data.io`` holds their ``DataError``, skip log and image reader).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
 from lenslib.data.sample import IGNORE_LABEL
@@ -274,83 +268,19 @@ def check_box(box: Sequence[float], height: int, width: int, tolerance: float = 
         raise ValueError(f"box {box} lies outside the {width}x{height} image")
 
 
-# ------------------------------------------------------------------ shared by all the loaders
-
-
-class DataError(ValueError):
-    """A data set file or record is malformed; the message names the file and the record."""
-
-
-class SkipLog:
-    """Counts the records a loader left out, by reason, and keeps the first messages.
-
-    With ``strict=True`` the first problem raises DataError instead of being skipped.
-    """
-
-    def __init__(self, name: str, strict: bool = False, keep: int = 50) -> None:
-        self.name = name
-        self.strict = strict
-        self.keep = keep
-        self.counts: Counter[str] = Counter()
-        self.details: list[str] = []
-
-    def skip(self, reason: str, message: str) -> None:
-        """Record one skipped record (or raise DataError when strict)."""
-        if self.strict:
-            raise DataError(message)
-        self.counts[reason] += 1
-        if len(self.details) < self.keep:
-            self.details.append(message)
-
-    def report(self) -> None:
-        """Warn once with the totals, so a skip is never silent."""
-        if self.counts:
-            total = sum(self.counts.values())
-            warnings.warn(
-                f"{self.name}: skipped {total} record(s) {dict(self.counts)}; "
-                f"first: {self.details[0]} (see .skip_details)",
-                stacklevel=3,
-            )
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the image header, without decoding the pixels."""
-    with Image.open(path) as image:
-        width, height = image.size
-    return height, width
-
-
-def read_rgb(path: Path, sample_id: str) -> np.ndarray:
-    """Decode an image file (JPEG, PNG, ...) to (H, W, 3) uint8 RGB; DataError if unreadable.
-
-    EXIF orientation is NOT applied: COCO-style annotations refer to the stored pixel grid.
-    """
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: image of {sample_id} is missing") from err
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{path}: cannot decode the image of {sample_id}: {err}") from err
-
-
 __all__ = [
     "IGNORE_LABEL",
     "Box",
-    "DataError",
-    "SkipLog",
     "check_box",
     "check_polygon",
     "check_rle",
     "fill_labelled_polygons",
-    "image_size",
     "mask_to_box",
     "mask_to_polygons",
     "mask_to_rle",
     "polygon_inside",
     "polygons_to_mask",
     "polygons_to_rle",
-    "read_rgb",
     "rle_string_to_counts",
     "rle_to_mask",
     "segmentation_area",

@@ -44,16 +44,13 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from lenslib.data.io import DataError, SkipLog, image_size, read_rgb
 from lenslib.data.masks import (
-    DataError,
-    SkipLog,
     check_polygon,
     fill_labelled_polygons,
-    image_size,
     mask_to_box,
     polygon_inside,
     polygons_to_rle,
-    read_rgb,
 )
 from lenslib.data.sample import IGNORE_LABEL, SegSample
 

@@ -51,15 +51,12 @@ import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
+from lenslib.data.io import DataError, SkipLog, image_size, read_rgb
 from lenslib.data.masks import (
-    DataError,
-    SkipLog,
     check_box,
     check_polygon,
-    image_size,
     mask_to_box,
     polygon_inside,
-    read_rgb,
     segmentation_area,
     segmentation_to_mask,
     xywh_to_xyxy,
