@@ -1,0 +1,322 @@
+"""LensModel: Qwen2.5-VL + context queries + connector + SAM2, paper eqs. 1-4 in one module.
+
+    P_CoT, P_box = pi_mllm.generate(p_sys, T, I)                 eq. 1   `generate`
+    Q'    = pi_mllm.forward(p_sys, T, I, P_CoT, P_box, Q)        eq. 2   `forward_completions`
+    Q_seg = pi_connector(Q')                                     eq. 3      "
+    P_seg = pi_sam(Q_seg, I)                                     eq. 4      "
+
+`forward_completions` is the one forward every stage uses: the prompt, a completion (the
+ground-truth answer in stage 1, a sampled rollout in stage 2, the greedy answer at eval) and the
+M queries go through the MLLM once; it returns the completion tokens' logits (for GRPO's
+log-probs) and the masks SAM draws from the queries' read-out.
+
+Boxes: the MLLM writes boxes in pixels of ITS input image (after Qwen's smart resize); SAM and
+the metrics work in the original image. `to_original_frame` converts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
+
+from lenslib import mllm as mllm_lib
+from lenslib.context import Connector, ContextQueries
+from lenslib.rewards import Box, parse_answer
+from lenslib.sam import SamConfig, SamFeatures, SamSegmenter
+
+Stage = Literal["align", "rl", "eval"]
+PATCH_SIZE = 14  # Qwen2-VL / 2.5-VL vision patch side in pixels
+
+
+@dataclass
+class LensConfig:
+    """Everything that shapes the LENS glue (the MLLM and SAM bring their own configs).
+
+    num_queries:        M of eq. 2 (64 in the paper; Table 3 ablates 1-128).
+    connector_kind:     "vit" (paper) or "mlp" (Table 4).
+    connector_output:   "tokens" (all M reach SAM, the paper's text) or "pooled" (authors' code).
+    connector_depth:    transformer blocks of the "vit" connector (4).
+    mrope:              "correct" (3-D mRoPE kept) or "authors" (1-D positions, their defect (a)).
+    box_prompt:         also prompt SAM with the MLLM's own box (authors: False).
+    stability_fallback: at eval, SAM2's dynamic multimask when the mask is unstable (authors).
+    sam:                the SamConfig fields, filled in from the SAM the model is built with,
+                        so one json rebuilds the whole bundle.
+    """
+
+    num_queries: int = 64
+    connector_kind: str = "vit"
+    connector_output: str = "tokens"
+    connector_depth: int = 4
+    mrope: str = "correct"
+    box_prompt: bool = False
+    stability_fallback: bool = False
+    sam: dict = field(default_factory=dict)
+
+    def sam_config(self) -> SamConfig:
+        fields = dict(self.sam)
+        fields["overrides"] = tuple(fields.get("overrides", ()))
+        return SamConfig(**fields)
+
+
+@dataclass
+class LensOutput:
+    """What one `forward_completions` gives for N rows (N = prompts x rollouts).
+
+    logits:      (N, T, V) next-token logits of the T completion tokens.
+    queries:     (N, M, C) Q' (eq. 2).
+    prompts:     (N, K, D) Q_seg (eq. 3), K = M or 1, D = SAM's prompt width.
+    mask_logits: (N, H, W) P_seg (eq. 4) at the original image size (mask = logits > 0),
+                 or a list of (H_i, W_i) when the images differ in size.
+    """
+
+    logits: Tensor
+    queries: Tensor
+    prompts: Tensor
+    mask_logits: Tensor | list[Tensor]
+
+
+@dataclass
+class Rollouts:
+    """G sampled (or 1 greedy) completions per prompt, rows ordered a1..aG, b1..bG, ..."""
+
+    completion_ids: Tensor  # (N, T)
+    completion_mask: Tensor  # (N, T) 1 up to and including <|im_end|>
+    texts: list[str]  # N decoded completions
+    boxes: list[Box | None]  # N parsed boxes in ORIGINAL image pixels (None: no box)
+    group_size: int
+
+
+def mllm_input_sizes(image_grid_thw: Tensor) -> list[tuple[int, int]]:
+    """(H, W) of each image as the MLLM saw it: grid (t, h, w) in 14-px patches."""
+    return [(int(h) * PATCH_SIZE, int(w) * PATCH_SIZE) for _, h, w in image_grid_thw.tolist()]
+
+
+def to_original_frame(box: Box, mllm_size: tuple[int, int], orig_size: tuple[int, int]) -> Box:
+    """Rescale a box from the MLLM's resized input (H', W') to the original image (H, W)."""
+    sy, sx = orig_size[0] / mllm_size[0], orig_size[1] / mllm_size[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def to_mllm_frame(box: Sequence[float], mllm_size: tuple[int, int], orig_size: tuple[int, int]):
+    """Inverse of `to_original_frame`: ground-truth boxes for teacher-forced answers."""
+    sy, sx = mllm_size[0] / orig_size[0], mllm_size[1] / orig_size[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+class LensModel(nn.Module):
+    """The whole LENS model. Build it with `LensModel(mllm, processor, sam, cfg)` or
+    `LensModel.from_pretrained(path)`; `lenslib.presets` builds the toy and full models."""
+
+    def __init__(
+        self,
+        mllm: PreTrainedModel,
+        processor: ProcessorMixin,
+        sam: SamSegmenter,
+        cfg: LensConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg or LensConfig()
+        self.cfg.sam = asdict(sam.cfg)  # the SAM in hand is the truth; saved with the bundle
+        self.mllm = mllm
+        self.processor = processor
+        self.sam = sam
+        hidden = mllm.config.text_config.hidden_size
+        self.queries = ContextQueries(self.cfg.num_queries, hidden, mrope=self.cfg.mrope)
+        self.connector = Connector(
+            hidden,
+            num_queries=self.cfg.num_queries,
+            kind=self.cfg.connector_kind,
+            output=self.cfg.connector_output,
+            depth=self.cfg.connector_depth,
+            prompt_dim=sam.prompt_dim,
+        )
+        self.to(mllm.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mllm.device
+
+    # ---------------------------------------------------------------- eq. 1: reasoning
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[np.ndarray],
+        texts: Sequence[str],
+        group_size: int = 1,
+        max_new_tokens: int = 768,
+        do_sample: bool = False,
+        temperature: float = 0.9,
+        top_p: float = 0.9,
+        top_k: int = 50,
+    ) -> Rollouts:
+        """Chain of thought + box for each (image, text); G = group_size samples per prompt in
+        ONE batched generate call. Greedy unless `do_sample`. Boxes come back in original pixels."""
+        gen = mllm_lib.generate(
+            self.mllm, self.processor, images, texts, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+            num_return_sequences=group_size,
+        )  # fmt: skip
+        sizes = mllm_input_sizes(gen.prompt["image_grid_thw"])
+        boxes = []
+        for row, text in enumerate(gen.texts):
+            image = images[row // group_size]
+            orig, seen = image.shape[:2], sizes[row // group_size]
+            box = parse_answer(text, image_size=(seen[1], seen[0])).box
+            boxes.append(None if box is None else to_original_frame(box, seen, orig))
+        return Rollouts(gen.completion_ids, gen.completion_mask, gen.texts, boxes, group_size)
+
+    # ---------------------------------------------------------------- eqs. 2-4: segmentation
+    def forward_completions(
+        self,
+        images: Sequence[np.ndarray],
+        texts: Sequence[str],
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        group_size: int = 1,
+        boxes: Sequence[Box | None] | None = None,
+        features: SamFeatures | None = None,
+    ) -> LensOutput:
+        """One MLLM forward over prompt + completion + queries, then connector and SAM.
+
+        images, texts:   P prompts. completion_ids / mask: (P*G, T), G = group_size rows per
+        prompt (a GRPO group), right-padded. boxes: P*G boxes in original pixels for SAM's box
+        prompt (used only when cfg.box_prompt). features: SAM features of the P images if the
+        caller has them (else `sam.encode`, which caches).
+        """
+        prompt = mllm_lib.build_inputs(self.processor, images, texts)
+        if group_size > 1:
+            prompt = mllm_lib.repeat_batch(prompt, group_size)
+        batch = mllm_lib.append_completions(prompt, completion_ids.cpu(), completion_mask.cpu())
+        batch = BatchFeature({k: v for k, v in batch.items() if k != "labels"}).to(self.device)
+        readout = self.queries(self.mllm, batch, logits_to_keep=completion_ids.shape[1])
+        q_seg = self.connector(readout.queries.float())  # (N, K, D)
+        mask_logits = self.segment_from_prompts(images, q_seg, group_size, boxes, features)
+        return LensOutput(readout.logits, readout.queries, q_seg, mask_logits)
+
+    def segment_from_prompts(
+        self,
+        images: Sequence[np.ndarray],
+        q_seg: Tensor,
+        group_size: int = 1,
+        boxes: Sequence[Box | None] | None = None,
+        features: SamFeatures | None = None,
+    ) -> Tensor | list[Tensor]:
+        """Eq. 4: SAM's masks for N = P*G rows of prompt tokens (N, K, D) -> (N, H, W) logits."""
+        if features is None:
+            features = self.sam.encode(images)  # (P, ...) frozen, cached
+        if group_size > 1 or len(features) != len(q_seg):
+            rows = [i for i in range(len(images)) for _ in range(group_size)]
+            features = SamFeatures.cat([features.select(i) for i in rows])
+        sizes = [images[i // group_size].shape[:2] for i in range(len(q_seg))]
+        box_tensor = None
+        if self.cfg.box_prompt:
+            box_tensor = torch.tensor(
+                [b if b is not None else (0, 0, s[1], s[0]) for b, s in zip(boxes, sizes)],
+                dtype=torch.float32,
+            )  # a missing box falls back to the whole image
+        out = self.sam.decode(
+            features, context_tokens=q_seg, boxes=box_tensor, orig_sizes=sizes,
+            stability_fallback=self.cfg.stability_fallback and not self.training,
+        )  # fmt: skip
+        if isinstance(out.logits, Tensor):
+            return out.logits[:, 0]  # (N, H, W)
+        return [logit[0] for logit in out.logits]
+
+    def forward_answers(
+        self, images: Sequence[np.ndarray], texts: Sequence[str], answers: Sequence[str]
+    ) -> LensOutput:
+        """Teacher forcing (stage 1, eq. 5): the given answers as the assistant turns."""
+        ids, mask = mllm_lib.tokenize_completions(self.processor, answers)
+        return self.forward_completions(images, texts, ids, mask)
+
+    @torch.no_grad()
+    def predict(
+        self, images: Sequence[np.ndarray], texts: Sequence[str], max_new_tokens: int = 768
+    ) -> tuple[Rollouts, list[Tensor]]:
+        """Greedy reasoning, then the masks: what evaluation and `lenslib.predict` run."""
+        rollouts = self.generate(images, texts, max_new_tokens=max_new_tokens)
+        out = self.forward_completions(
+            images, texts, rollouts.completion_ids, rollouts.completion_mask, boxes=rollouts.boxes
+        )
+        masks = [m > 0 for m in out.mask_logits]
+        return rollouts, masks
+
+    # ---------------------------------------------------------------- which parts learn
+    def set_stage(self, stage: Stage, train_vision_tower: bool = True) -> dict[str, int]:
+        """Freeze / unfreeze for a training stage with `requires_grad_` (which really freezes;
+        the authors' `module.requires_grad = False` does not: their defect (d)).
+
+        align (eq. 5):  only the context queries and the connector.
+        rl (eq. 12):    everything except SAM's image encoder; `train_vision_tower=False`
+                        also freezes the MLLM's vision tower.
+        eval:           nothing.
+        Returns the trainable parameter counts per part.
+        """
+        if stage not in ("align", "rl", "eval"):
+            raise ValueError(f"stage must be 'align', 'rl' or 'eval', got {stage!r}")
+        self.requires_grad_(False)
+        if stage in ("align", "rl"):
+            self.queries.requires_grad_(True)
+            self.connector.requires_grad_(True)
+        if stage == "rl":
+            self.mllm.requires_grad_(True)
+            if not train_vision_tower:
+                self.mllm.model.visual.requires_grad_(False)
+            self.sam.set_decoder_trainable(True)
+        return self.trainable_counts()
+
+    def trainable_counts(self) -> dict[str, int]:
+        """Trainable parameters per part: mllm, queries, connector, sam."""
+        parts = {"mllm": self.mllm, "queries": self.queries, "connector": self.connector}
+        parts["sam"] = self.sam
+        return {
+            name: sum(p.numel() for p in part.parameters() if p.requires_grad)
+            for name, part in parts.items()
+        }
+
+    # ---------------------------------------------------------------- saving and loading
+    def lens_state_dict(self) -> dict[str, Tensor]:
+        """Queries, connector and SAM weights (the MLLM saves itself with save_pretrained)."""
+        parts = {"queries": self.queries, "connector": self.connector, "sam": self.sam}
+        return {
+            f"{name}.{key}": t.detach().cpu().contiguous()
+            for name, part in parts.items()
+            for key, t in part.state_dict().items()
+        }
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write `path/mllm/` (transformers), `path/lens.safetensors`, `path/lens_config.json`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.mllm.save_pretrained(path / "mllm")
+        self.processor.save_pretrained(path / "mllm")
+        save_file(self.lens_state_dict(), str(path / "lens.safetensors"))
+        (path / "lens_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype=torch.float32
+    ) -> LensModel:
+        """Inverse of `save_pretrained`; a clear error names any missing file."""
+        path = Path(path)
+        for needed in ("lens_config.json", "lens.safetensors", "mllm"):
+            if not (path / needed).exists():
+                raise FileNotFoundError(f"{path / needed} not found: is {path} a LensModel folder?")
+        cfg = LensConfig(**json.loads((path / "lens_config.json").read_text()))
+        mllm, processor = mllm_lib.load_mllm(str(path / "mllm"), dtype=dtype, device=device)
+        model = cls(mllm, processor, SamSegmenter(cfg.sam_config(), device), cfg)
+        state = load_file(str(path / "lens.safetensors"))
+        for name in ("queries", "connector", "sam"):
+            prefix = name + "."
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            getattr(model, name).load_state_dict(part)
+        return model.to(device)
