@@ -6,7 +6,8 @@ and two cell tags:
 - `parameters`: ONE cell of plain assignments, `name = literal  # help text`. In the notebook
   it just sets the values; in the script every assignment becomes a command-line flag
   (`group_size = 8` -> `--group-size 8`) whose default is the notebook's value. Write
-  `# help text (choices: toy, full)` to restrict a string flag to a few values.
+  `# help text (choices: toy, full)` to restrict a string flag to a few values, and
+  `lr: float | None = None  # help` for a flag whose default None means "the preset's value".
 - `export`: cells copied, in order, into the script's body.
 
 Usage:
@@ -46,18 +47,25 @@ def _parameter_lines(source: str, where: str) -> list[tuple[str, str]]:
             raise ExportError(
                 f"{where}, line {lineno}: not a one-line assignment: {line!r}"
             ) from err
-        if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
+        annotation = None
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value:
+            name, annotation = node.target.id, ast.unparse(node.annotation)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+        else:
             raise ExportError(f"{where}, line {lineno}: expected `name = literal`, got {line!r}")
-        name = node.targets[0].id
         try:
             value = ast.literal_eval(node.value)
         except ValueError as err:
             raise ExportError(f"{where}, line {lineno}: {name} must be a literal") from err
-        lines.append((name, _add_argument(name, value, comment.strip())))
+        try:
+            lines.append((name, _add_argument(name, value, comment.strip(), annotation)))
+        except ExportError as err:
+            raise ExportError(f"{where}, line {lineno}: {err}") from err
     return lines
 
 
-def _add_argument(name: str, value: object, help_text: str) -> str:
+def _add_argument(name: str, value: object, help_text: str, annotation: str | None = None) -> str:
     """One `parser.add_argument(...)` line for a parameter with the notebook's default."""
     flag = "--" + name.replace("_", "-")
     choices = _CHOICES_RE.search(help_text)
@@ -70,7 +78,10 @@ def _add_argument(name: str, value: object, help_text: str) -> str:
         elem = type(value[0]).__name__ if value else "str"
         kind = f'nargs="+", type={elem}'
     elif value is None:
-        kind = "type=str"
+        base = (annotation or "str").replace("| None", "").replace("None |", "").strip()
+        if base not in ("int", "float", "str"):
+            raise ExportError(f"parameter {name}: a None default needs `: int|float|str | None`")
+        kind = f"type={base}"
     else:
         kind = f"type={type(value).__name__}"
     return f"parser.add_argument({flag!r}, {kind}, default={value!r}{extra}, help={help_text!r})"

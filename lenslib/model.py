@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from lenslib import mllm as mllm_lib
 from lenslib.context import Connector, ContextQueries
@@ -98,6 +99,16 @@ class Rollouts:
 def mllm_input_sizes(image_grid_thw: Tensor) -> list[tuple[int, int]]:
     """(H, W) of each image as the MLLM saw it: grid (t, h, w) in 14-px patches."""
     return [(int(h) * PATCH_SIZE, int(w) * PATCH_SIZE) for _, h, w in image_grid_thw.tolist()]
+
+
+def mllm_image_size(processor: ProcessorMixin, height: int, width: int) -> tuple[int, int]:
+    """(H', W') Qwen's processor resizes an (H, W) image to: sides multiples of 28 within its
+    pixel budget (`smart_resize`). Ground-truth boxes are written in this frame."""
+    ip = processor.image_processor
+    return smart_resize(
+        height, width, factor=ip.patch_size * ip.merge_size,
+        min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"],
+    )  # fmt: skip
 
 
 def to_original_frame(box: Box, mllm_size: tuple[int, int], orig_size: tuple[int, int]) -> Box:
@@ -175,6 +186,10 @@ class LensModel(nn.Module):
         return Rollouts(gen.completion_ids, gen.completion_mask, gen.texts, boxes, group_size)
 
     # ---------------------------------------------------------------- eqs. 2-4: segmentation
+    def forward(self, *args, **kwargs) -> LensOutput:
+        """`forward_completions`: what a DDP / DeepSpeed wrapper calls on `model(...)`."""
+        return self.forward_completions(*args, **kwargs)
+
     def forward_completions(
         self,
         images: Sequence[np.ndarray],

@@ -60,8 +60,9 @@ def test_parameters_become_flags_with_notebook_defaults(tmp_path, monkeypatch):
         "preset = 'toy'  # model size (choices: toy, full)\n"
         "use_box = True  # also prompt SAM with the box\n"
         "lrs = [0.1, 0.2]  # learning rates\n"
+        "lr: float | None = None  # None: the preset's value\n"
     )
-    path = _notebook(tmp_path, params, "print(group_size, preset, use_box, lrs)")
+    path = _notebook(tmp_path, params, "print(group_size, preset, use_box, lrs, lr)")
     name, text = export.export_source(path)
     assert name == "demo.py" and "notebook only" not in text
     script = tmp_path / name
@@ -69,13 +70,17 @@ def test_parameters_become_flags_with_notebook_defaults(tmp_path, monkeypatch):
     run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, str(script), *a], capture_output=True, text=True, timeout=60
     )
-    assert run().stdout.strip() == "8 toy True [0.1, 0.2]"
-    out = run("--group-size", "4", "--preset", "full", "--no-use-box", "--lrs", "1", "2").stdout
-    assert out.strip() == "4 full False [1.0, 2.0]"
+    assert run().stdout.strip() == "8 toy True [0.1, 0.2] None"
+    out = run(
+        "--group-size", "4", "--preset", "full", "--no-use-box", "--lrs", "1", "2", "--lr", "3"
+    )
+    assert out.stdout.strip() == "4 full False [1.0, 2.0] 3.0"
     assert run("--preset", "huge").returncode != 0
 
 
-@pytest.mark.parametrize("bad", ["x = compute()  # not a literal", "x += 1", "import os"])
+@pytest.mark.parametrize(
+    "bad", ["x = compute()  # not a literal", "x += 1", "import os", "x: list | None = None"]
+)
 def test_bad_parameters_cell_names_the_notebook(tmp_path, monkeypatch, bad):
     monkeypatch.setattr(export, "ROOT", tmp_path)
     path = _notebook(tmp_path, bad)

@@ -1,0 +1,217 @@
+"""Stage 2, GRPO with unified rewards (paper eqs. 6-12, Table A2).
+
+Everything learns except SAM's image encoder. For each prompt the policy samples G answers; each
+answer is scored by the unified reward (eq. 11); advantages compare the G answers of a prompt
+(eqs. 6-7); the clipped surrogate with a KL penalty to the frozen stage-1 model (eqs. 8-10) is
+combined with the segmentation loss (eq. 12):
+
+    J_LENS = J_GRPO(R_unified, D_KL) + alpha * L_seg(P_seg, M_gt)             (eq. 12)
+
+`grpo_step` is one optimiser step, top to bottom:
+
+    1. rollouts     G sampled answers per prompt, ONE batched generate call   (eq. 1)
+    2. forward      ONE forward per rollout gives its token log-probs AND its mask (eqs. 2-4)
+    3. rewards      R_format, R_box, R_seg -> R_unified                       (eq. 11)
+    4. advantages   rewards gathered over all processes, grouped by prompt    (eqs. 6-7)
+    5. reference    log-probs of the same tokens under the frozen model      (eq. 9)
+    6. loss         GRPO loss + alpha * L_seg, backward, step                 (eqs. 8-10, 12)
+
+With one update per batch of rollouts (as here and in the paper), the "old" policy equals the
+current one, so the ratio is exactly 1 and clipping never bites; `grpo_loss` still computes
+the full eq. 8 so that the same code serves several updates per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+
+from lenslib import grpo
+from lenslib.data.sample import SegSample
+from lenslib.mllm import append_completions, build_inputs, repeat_batch
+from lenslib.model import LensModel
+from lenslib.rewards import RewardWeights, box_reward, format_reward, seg_reward, unified_reward
+from lenslib.training import make_scheduler, mean_seg_loss, run_stage, target_masks, total_steps
+
+
+@dataclass
+class GRPOConfig:
+    """Stage-2 hyperparameters (Table A2 values in the "full" preset)."""
+
+    epochs: int = 16
+    batch_size: int = 64  # prompts per step, global over all processes (x G rollouts)
+    group_size: int = 8  # G
+    lr: float = 3e-6
+    scheduler: str = "linear"
+    seed: int = 42
+    beta: float = 0.04  # KL weight (eq. 10); 0 skips the reference model
+    alpha: float = 1.0  # segmentation-loss weight (eq. 12)
+    reward_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # lambda_1..3 (eq. 11)
+    square_iou: bool = False  # the authors square R_box and R_seg
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    std: str = "population"  # eq. 6; "bessel" = TRL / authors
+    scale_rewards: str = "group"
+    aggregation: str = "grpo"  # eq. 10; or "bnpo", "dr_grpo", "dapo"
+    temperature: float = 0.9
+    top_p: float = 0.9
+    top_k: int = 50
+    max_new_tokens: int = 768
+    train_vision_tower: bool = True
+    loss_kind: str = "bce"
+    eval_every: int = 0
+    eval_samples: int = 64
+    checkpoint_every: int = 0
+    output_dir: str = "runs/rl"
+    max_steps: int | None = None
+
+
+def frozen_reference(model: LensModel) -> torch.nn.Module:
+    """pi_ref of eq. 9: a frozen copy of the MLLM at the start of stage 2 (only the MLLM's
+    token log-probs enter the KL, so the rest of LENS is not copied)."""
+    ref = copy.deepcopy(model.mllm).eval()
+    return ref.requires_grad_(False)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    ref: torch.nn.Module, lens: LensModel, samples, completion_ids, completion_mask, cfg
+) -> torch.Tensor:
+    """(N, T) log-probs of the rollouts' tokens under the reference MLLM."""
+    prompt = repeat_batch(
+        build_inputs(lens.processor, [s.image for s in samples], [s.text for s in samples]),
+        cfg.group_size,
+    )
+    batch = append_completions(prompt, completion_ids.cpu(), completion_mask.cpu())
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    T = completion_ids.shape[1]
+    logits = ref(**{k: v.to(lens.device) for k, v in batch.items()}, logits_to_keep=T + 1).logits
+    return grpo.token_logprobs(logits[:, :-1], completion_ids.to(lens.device), cfg.temperature)
+
+
+def score_rollouts(
+    samples: Sequence[SegSample], rollouts, mask_logits, cfg: GRPOConfig
+) -> dict[str, torch.Tensor]:
+    """R_format, R_box, R_seg and R_unified (eq. 11) for the N = P*G rollouts, each (N,)."""
+    G = cfg.group_size
+    r_format = torch.tensor([format_reward(t) for t in rollouts.texts])
+    r_box = torch.tensor(
+        [box_reward(b, samples[i // G].box, cfg.square_iou) for i, b in enumerate(rollouts.boxes)]
+    )
+    r_seg = torch.stack(
+        [
+            seg_reward((m > 0).cpu(), torch.from_numpy(samples[i // G].mask), cfg.square_iou)
+            for i, m in enumerate(mask_logits)
+        ]
+    ).float()
+    weights = RewardWeights(*cfg.reward_weights)
+    return {
+        "format": r_format,
+        "box": r_box,
+        "seg": r_seg,
+        "unified": unified_reward(r_format, r_box, r_seg, weights),
+    }
+
+
+def grpo_step(
+    model: torch.nn.Module,
+    ref: torch.nn.Module | None,
+    samples: Sequence[SegSample],
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: GRPOConfig,
+) -> dict[str, float]:
+    """One GRPO optimiser step on this process's prompts (see the module docstring)."""
+    lens: LensModel = accelerator.unwrap_model(model)
+    images, texts = [s.image for s in samples], [s.text for s in samples]
+    G = cfg.group_size
+
+    # 1. rollouts: G sampled answers per prompt, in one batched call (rows a1..aG, b1..bG, ...)
+    rollouts = lens.generate(
+        images, texts, group_size=G, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+    )  # fmt: skip
+    ids, mask = rollouts.completion_ids, rollouts.completion_mask  # (P*G, T)
+
+    # 2. one forward per rollout: its token log-probs and its own mask
+    out = model(images, texts, ids, mask, group_size=G, boxes=rollouts.boxes)
+    logp = grpo.token_logprobs(out.logits, ids.to(out.logits.device), cfg.temperature)  # (N, T)
+
+    # 3. unified rewards (eq. 11)
+    rewards = score_rollouts(samples, rollouts, out.mask_logits, cfg)
+
+    # 4. advantages over the rewards of ALL processes (groups never straddle processes: each
+    #    process samples all G answers of its prompts), then this process's slice
+    local = rewards["unified"].to(accelerator.device)
+    everyone = accelerator.gather(local)  # (world * P * G,)
+    advantages = grpo.group_advantages(everyone, G, scale=cfg.scale_rewards, std=cfg.std)
+    start = accelerator.process_index * len(local)
+    advantages = advantages[start : start + len(local)]
+
+    # 5. reference log-probs for the KL term (eq. 9)
+    ref_logp = None
+    if cfg.beta != 0.0 and ref is not None:
+        ref_logp = reference_logprobs(ref, lens, samples, ids, mask, cfg)
+
+    # 6. GRPO loss (eqs. 8-10) + alpha * segmentation loss on every rollout's mask (eq. 12)
+    mask = mask.to(logp.device)
+    policy = grpo.grpo_loss(
+        logp, None, ref_logp, advantages, mask, beta=cfg.beta, eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high, aggregation=cfg.aggregation,
+        max_completion_length=cfg.max_new_tokens,
+        num_items_in_batch=accelerator.gather(mask.sum()).sum().item() / accelerator.num_processes,
+    )  # fmt: skip
+    targets = [t for t in target_masks(samples, accelerator.device) for _ in range(G)]
+    l_seg = mean_seg_loss(out.mask_logits, targets, cfg.loss_kind)
+    loss = policy.loss + cfg.alpha * l_seg
+    accelerator.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    grouped = everyone.view(-1, G)
+    stats = torch.stack(
+        [
+            rewards["format"].mean(), rewards["box"].mean(), rewards["seg"].mean(),
+            rewards["unified"].mean(), policy.mean_kl.cpu(), policy.clip_fraction.cpu(),
+            mask.sum(1).float().mean().cpu(), l_seg.detach().cpu(), loss.detach().cpu(),
+        ]
+    ).to(accelerator.device)  # fmt: skip
+    stats = accelerator.reduce(stats, "mean").tolist()
+    names = ["reward_format", "reward_box", "reward_seg", "reward", "kl", "clip_fraction"]
+    names += ["completion_length", "seg_loss", "loss"]
+    record = dict(zip(names, stats))
+    record["format_rate"] = record["reward_format"]
+    record["advantage_spread"] = grouped.std(dim=1).mean().item()  # 0 = groups teach nothing
+    return record
+
+
+def train_grpo(
+    model: LensModel,
+    train: Sequence[SegSample],
+    val: Sequence[SegSample],
+    cfg: GRPOConfig,
+    accelerator: Accelerator,
+    resume: bool = False,
+    on_log: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Run stage 2 from an aligned model; returns the log (one dict per step)."""
+    ref = frozen_reference(model) if cfg.beta != 0.0 else None
+    counts = model.set_stage("rl", train_vision_tower=cfg.train_vision_tower)
+    accelerator.print(f"stage 2 trains {counts}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    steps = total_steps(len(train), cfg.batch_size, cfg.epochs)
+    scheduler = make_scheduler(cfg.scheduler, optimizer, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    def step_fn(samples: Sequence[SegSample]) -> dict[str, float]:
+        return grpo_step(model, ref, samples, accelerator, optimizer, scheduler, cfg)
+
+    return run_stage(model, step_fn, scheduler, train, val, cfg, accelerator, resume, on_log)

@@ -1,0 +1,218 @@
+"""What both training stages share: processes, batches, targets, schedules and checkpoints.
+
+The stages themselves live in `lenslib/align.py` (stage 1) and `lenslib/rl.py` (stage 2),
+each readable top to bottom; this module keeps them short.
+
+Processes: training uses Hugging Face accelerate, so the same loop runs in a notebook (one
+process) and under `accelerate launch` on N GPUs (or 2 CPU processes, see configs/accelerate/).
+Each process takes its own shard of every batch (`epoch_batches`), gradients are averaged by
+the DDP / DeepSpeed wrapper that `accelerator.prepare` puts around the model.
+
+Checkpoints: `save_checkpoint` writes accelerate's full state (model, optimizer, scheduler, RNG
+of every process) plus our data position; `load_checkpoint` restores all of it, so a run that
+was killed and restarted with `--resume` ends with exactly the parameters of a run that was
+never interrupted (tests/test_training.py checks this).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from lenslib.data.sample import SegSample
+from lenslib.evaluate import evaluate
+from lenslib.losses import seg_loss
+from lenslib.model import LensModel, mllm_image_size, to_mllm_frame
+from lenslib.prompts import format_answer
+
+
+def make_accelerator(cpu: bool = False, log_dir: str | None = None) -> Accelerator:
+    """An Accelerator for one process (notebook) or many (`accelerate launch`).
+
+    find_unused_parameters: some SAM prompt-encoder embeddings (e.g. the box-corner ones) get
+    no gradient when SAM is prompted by context tokens only; DDP must be told.
+    """
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    log_with = "tensorboard" if log_dir else None
+    return Accelerator(
+        cpu=cpu, kwargs_handlers=kwargs, log_with=log_with, project_dir=log_dir or "."
+    )
+
+
+def epoch_batches(
+    num_samples: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """The sample indices each optimiser step of one epoch uses on process `rank`.
+
+    A global batch of `batch_size` samples is split evenly over `world` processes, so
+    `batch_size` must be divisible by `world`. The order is a permutation seeded by
+    (seed, epoch): the same on every process and after a resume. A last incomplete batch is
+    dropped (every step sees the same number of samples).
+    """
+    if batch_size % world != 0:
+        raise ValueError(f"batch size {batch_size} does not split over {world} processes")
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    steps = num_samples // batch_size
+    per_rank = batch_size // world
+    return [
+        order[s * batch_size + rank * per_rank : s * batch_size + (rank + 1) * per_rank].tolist()
+        for s in range(steps)
+    ]
+
+
+def take(dataset: Sequence[SegSample], n: int) -> list[SegSample]:
+    """The first n samples of any map-style dataset (lazy datasets do not slice)."""
+    return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+def ground_truth_answer(model: LensModel, sample: SegSample) -> str:
+    """The paper's answer format for a sample's ground truth, box in the MLLM's frame.
+
+    Stage 1 teacher-forces it (the authors do). Real data has no rationale: the think block
+    then says only which object is asked for.
+    """
+    h, w = sample.image.shape[:2]
+    box = to_mllm_frame(sample.box, mllm_image_size(model.processor, h, w), (h, w))
+    rationale = sample.rationale or f"The target is {sample.text}."
+    return format_answer(rationale, box, sample.text)
+
+
+def target_masks(samples: Sequence[SegSample], device: torch.device) -> list[Tensor]:
+    """Ground-truth masks as (H, W) uint8 tensors (values 0, 1, 255)."""
+    return [torch.from_numpy(s.mask).to(device) for s in samples]
+
+
+def mean_seg_loss(
+    mask_logits: Tensor | Sequence[Tensor], targets: Sequence[Tensor], kind: str = "bce"
+) -> Tensor:
+    """L_seg (dice + BCE or focal) averaged over samples that may differ in size."""
+    if isinstance(mask_logits, Tensor) and len({t.shape for t in targets}) == 1:
+        return seg_loss(mask_logits, torch.stack(targets), kind=kind)
+    losses = [seg_loss(m[None], t[None], kind=kind) for m, t in zip(mask_logits, targets)]
+    return torch.stack(losses).mean()
+
+
+def make_scheduler(kind: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup: int = 0):
+    """transformers' "cosine" (Table A1) or "linear" (Table A2) learning-rate schedule."""
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+@dataclass
+class TrainState:
+    """Where a run is: enough to resume it exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimiser steps done in the current epoch
+    global_step: int = 0
+
+
+def save_checkpoint(accelerator: Accelerator, folder: str | Path, state: TrainState) -> Path:
+    """accelerate's state (model, optimizer, scheduler, RNGs) + our data position."""
+    path = Path(folder) / f"step_{state.global_step:06d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / "train_state.json").write_text(json.dumps(asdict(state)))
+    accelerator.wait_for_everyone()
+    return path
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint in `folder`, or None."""
+    done = sorted(Path(folder).glob("step_*/train_state.json")) if Path(folder).exists() else []
+    return done[-1].parent if done else None
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> TrainState:
+    """Restore what `save_checkpoint` wrote; raises naming the folder if it is incomplete."""
+    path = Path(path)
+    if not (path / "train_state.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no train_state.json)")
+    accelerator.load_state(str(path))
+    return TrainState(**json.loads((path / "train_state.json").read_text()))
+
+
+def total_steps(num_samples: int, batch_size: int, epochs: int) -> int:
+    """Optimiser steps of a run (incomplete last batches are dropped)."""
+    return max(1, math.floor(num_samples / batch_size)) * epochs
+
+
+@dataclass
+class LoopConfig:
+    """The loop settings both stages share (each stage's config has these fields)."""
+
+    epochs: int
+    batch_size: int
+    seed: int
+    eval_every: int
+    eval_samples: int
+    max_new_tokens: int
+    checkpoint_every: int
+    output_dir: str
+    max_steps: int | None
+
+
+def run_stage(
+    model: torch.nn.Module,
+    step_fn: Callable[[Sequence[SegSample]], dict[str, float]],
+    scheduler,
+    train: Sequence[SegSample],
+    val: Sequence[SegSample],
+    cfg: LoopConfig,
+    accelerator: Accelerator,
+    resume: bool = False,
+    on_log: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Epochs of `step_fn(batch_of_this_process) -> record`, with evaluation, checkpoints and
+    resume. `model` and the optimiser must already be `accelerator.prepare`d and the
+    scheduler registered for checkpointing. Returns one record per optimiser step."""
+    state = TrainState()
+    last = latest_checkpoint(cfg.output_dir) if resume else None
+    if last is not None:
+        state = load_checkpoint(accelerator, last)
+        accelerator.print(f"resumed from {last} (step {state.global_step})")
+    lens = accelerator.unwrap_model(model)
+    steps = total_steps(len(train), cfg.batch_size, cfg.epochs)
+    end = min(steps, cfg.max_steps or steps)
+    history: list[dict] = []
+    progress = tqdm(total=end, initial=state.global_step, disable=not accelerator.is_main_process)
+    while state.global_step < end:
+        batches = epoch_batches(
+            len(train), cfg.batch_size, state.epoch, cfg.seed,
+            accelerator.process_index, accelerator.num_processes,
+        )  # fmt: skip
+        for indices in batches[state.step_in_epoch :]:
+            model.train()
+            record = step_fn([train[i] for i in indices])
+            state.step_in_epoch += 1
+            state.global_step += 1
+            record |= {"step": state.global_step, "lr": scheduler.get_last_lr()[0]}
+            step = state.global_step
+            if step == end or (cfg.eval_every and step % cfg.eval_every == 0):
+                metrics = evaluate(
+                    lens, take(val, cfg.eval_samples), max_new_tokens=cfg.max_new_tokens,
+                    accelerator=accelerator,
+                )  # fmt: skip
+                record |= {f"val_{k}": v for k, v in metrics.items() if k != "count"}
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(accelerator, cfg.output_dir, state)
+            history.append(record)
+            accelerator.log(record, step=step)
+            if on_log:
+                on_log(record)
+            progress.update(1)
+            if step >= end:
+                break
+        else:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    progress.close()
+    return history

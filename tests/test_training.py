@@ -1,0 +1,101 @@
+"""Training infrastructure: batches, both stages learning, resume, and two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lenslib.align import AlignConfig, train_alignment
+from lenslib.grpo import group_advantages
+from lenslib.presets import build_lens, get_preset, toy_split
+from lenslib.rl import GRPOConfig, train_grpo
+from lenslib.training import epoch_batches, make_accelerator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_epoch_batches_shard_a_seeded_permutation():
+    whole = epoch_batches(10, 4, epoch=0, seed=1)
+    assert len(whole) == 2 and len(set(sum(whole, []))) == 8  # last incomplete batch dropped
+    ranks = [epoch_batches(10, 4, 0, 1, rank=r, world=2) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == whole  # the two ranks split each global batch
+    assert epoch_batches(10, 4, 1, 1) != whole  # a new order every epoch
+    with pytest.raises(ValueError, match="split"):
+        epoch_batches(10, 3, 0, 1, world=2)
+
+
+def _toy(num_queries=4):
+    preset = get_preset("toy", num_queries=num_queries)
+    return preset, build_lens(preset, pretrained=False)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_alignment_lowers_the_loss_and_trains_only_the_context_module():
+    preset, model = _toy()
+    sam_before = _params(model.sam)
+    train = toy_split(preset, "train", 8)
+    cfg = AlignConfig(epochs=6, batch_size=8, lr=3e-3, max_new_tokens=4, eval_samples=2,
+                      output_dir="unused")  # fmt: skip
+    history = train_alignment(
+        model, train, toy_split(preset, "val", 2), cfg, make_accelerator(True)
+    )
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(sam_before, _params(model.sam)))
+    assert "val_ciou" in history[-1]
+
+
+def _rl_cfg(tmp_path, **changes):
+    cfg = dict(epochs=1, batch_size=2, group_size=2, lr=1e-4, max_new_tokens=6, eval_samples=1,
+               output_dir=str(tmp_path / "rl"), checkpoint_every=1)  # fmt: skip
+    return GRPOConfig(**(cfg | changes))
+
+
+def test_grpo_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    preset = get_preset("toy", num_queries=4)
+    train, val = toy_split(preset, "train", 8), toy_split(preset, "val", 1)
+
+    torch.manual_seed(0)
+    model = build_lens(preset, pretrained=False)
+    uninterrupted = _rl_cfg(tmp_path / "a", max_steps=3)
+    train_grpo(model, train, val, uninterrupted, make_accelerator(True))
+    expected = _params(model)
+
+    torch.manual_seed(0)
+    model = build_lens(preset, pretrained=False)
+    train_grpo(model, train, val, _rl_cfg(tmp_path / "b", max_steps=2), make_accelerator(True))
+    torch.manual_seed(123)  # the restart starts from a different RNG state...
+    model = build_lens(preset, pretrained=False)
+    resumed = train_grpo(
+        model, train, val, _rl_cfg(tmp_path / "b", max_steps=3), make_accelerator(True), resume=True
+    )
+    assert [r["step"] for r in resumed] == [3]  # ...and only the missing step runs
+    assert all(torch.equal(a, b) for a, b in zip(expected, _params(model)))
+
+
+def test_two_processes_hold_identical_parameters_and_share_advantages(tmp_path):
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", "29517", str(ROOT / "tests/helpers/two_process_train.py"),
+        str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["digest"] == pytest.approx(ranks[1]["digest"], rel=1e-9)
+    for step0, step1 in zip(ranks[0]["grpo"], ranks[1]["grpo"]):
+        # both ranks grouped the SAME gathered rewards (2 ranks x 1 prompt x G = 2 rollouts)
+        assert step0["gathered"] == step1["gathered"] and len(step0["gathered"]) == 4
+        expected = group_advantages(torch.tensor(step0["gathered"]), 2, scale="batch")
+        assert torch.allclose(torch.tensor(step0["advantages"]), expected)
