@@ -112,3 +112,24 @@ def save_aligned(model: LensModel, folder: str | Path, accelerator: Accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(folder)
+
+
+def aligned_model(preset, folder: str | Path, accelerator: Accelerator) -> LensModel:
+    """The stage-1 result saved in `folder`; if there is none yet, run stage 1 with the preset's
+    settings first and save it there (so notebook 04 also works on its own)."""
+    from lenslib.presets import build_lens, train_val_data
+
+    folder = Path(folder)
+    if not (folder / "lens_config.json").exists():
+        accelerator.print(f"no aligned model in {folder}: running stage 1 first")
+        model = build_lens(preset, device=accelerator.device)
+        train, val = train_val_data(preset)
+        cfg = AlignConfig(
+            epochs=preset.align_epochs, batch_size=preset.align_batch_size, lr=preset.align_lr,
+            scheduler=preset.align_scheduler, seed=preset.seed, eval_samples=8,
+            max_new_tokens=preset.max_completion_length, output_dir=str(folder.parent),
+        )  # fmt: skip
+        train_alignment(model, train, val, cfg, accelerator)
+        save_aligned(model, folder, accelerator)
+    accelerator.wait_for_everyone()
+    return LensModel.from_pretrained(folder, device=accelerator.device)

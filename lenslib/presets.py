@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+from torch.utils.data import ConcatDataset
 
+from lenslib.data.refer import ReferDataset
 from lenslib.data.toy import ToyDataset, ToyWorld, ToyWorldConfig, toy_corpus
 from lenslib.mllm import build_toy_mllm, load_mllm
 from lenslib.model import LensConfig, LensModel
@@ -59,6 +61,9 @@ class Preset:
     max_completion_length: int = 768
     max_prompt_length: int = 2048
     seed: int = 42
+    eval_every: int = 500  # optimiser steps between validation runs
+    eval_samples: int = 1000  # validation samples per run
+    checkpoint_every: int = 500  # optimiser steps between checkpoints
     toy_world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
 
     def override(self, **changes) -> Preset:
@@ -81,6 +86,7 @@ PRESETS: dict[str, Preset] = {
     "toy": Preset(
         name="toy",
         num_queries=16,
+        toy_train_size=2048,
         align_epochs=1,
         align_batch_size=16,
         align_lr=1e-3,
@@ -89,6 +95,9 @@ PRESETS: dict[str, Preset] = {
         rl_lr=1e-4,
         max_completion_length=48,
         max_prompt_length=512,
+        eval_every=32,
+        eval_samples=48,
+        checkpoint_every=64,
     ),
 }
 
@@ -143,3 +152,19 @@ def build_lens(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)  # the same context module init on every process
         return LensModel(mllm.to(device), processor, sam, lens_config(preset))
+
+
+def train_val_data(preset: Preset):
+    """(train, val) datasets of a preset: the toy world, or RefCOCO/+/g train and RefCOCO val
+    (the paper trains both stages on the RefCOCO series, appendix A)."""
+    if preset.mllm == "toy":
+        return (
+            toy_split(preset, "train", preset.toy_train_size),
+            toy_split(preset, "val", preset.toy_val_size),
+        )
+    if preset.data_root is None:
+        raise ValueError("the full preset needs --data-root (the folder holding refer_seg/)")
+    train = ConcatDataset(
+        [ReferDataset(preset.data_root, name, "train") for name in preset.train_sets]
+    )
+    return train, ReferDataset(preset.data_root, "refcoco", "val")

@@ -24,6 +24,7 @@ the full eq. 8 so that the same code serves several updates per batch.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -130,6 +131,7 @@ def grpo_step(
     lens: LensModel = accelerator.unwrap_model(model)
     images, texts = [s.image for s in samples], [s.text for s in samples]
     G = cfg.group_size
+    clock = [time.perf_counter()]  # phase boundaries, for the time shares in the log
 
     # 1. rollouts: G sampled answers per prompt, in one batched call (rows a1..aG, b1..bG, ...)
     rollouts = lens.generate(
@@ -137,6 +139,7 @@ def grpo_step(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
     )  # fmt: skip
     ids, mask = rollouts.completion_ids, rollouts.completion_mask  # (P*G, T)
+    clock.append(time.perf_counter())
 
     # 2. one forward per rollout: its token log-probs and its own mask
     out = model(images, texts, ids, mask, group_size=G, boxes=rollouts.boxes)
@@ -158,6 +161,8 @@ def grpo_step(
     if cfg.beta != 0.0 and ref is not None:
         ref_logp = reference_logprobs(ref, lens, samples, ids, mask, cfg)
 
+    clock.append(time.perf_counter())
+
     # 6. GRPO loss (eqs. 8-10) + alpha * segmentation loss on every rollout's mask (eq. 12)
     mask = mask.to(logp.device)
     policy = grpo.grpo_loss(
@@ -173,6 +178,7 @@ def grpo_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    clock.append(time.perf_counter())
 
     grouped = everyone.view(-1, G)
     stats = torch.stack(
@@ -188,6 +194,12 @@ def grpo_step(
     record = dict(zip(names, stats))
     record["format_rate"] = record["reward_format"]
     record["advantage_spread"] = grouped.std(dim=1).mean().item()  # 0 = groups teach nothing
+    phases = (
+        "time_generate",
+        "time_score",
+        "time_update",
+    )  # rollouts | forward+rewards | loss+step
+    record |= {name: b - a for name, a, b in zip(phases, clock, clock[1:])}
     return record
 
 
