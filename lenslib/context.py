@@ -20,14 +20,14 @@ from transformers import BatchFeature, PreTrainedModel
 MropeMode = Literal["correct", "authors"]
 ConnectorKind = Literal["vit", "mlp"]
 ConnectorOutput = Literal["tokens", "pooled"]
-SAM_PROMPT_DIM = 256
+SAM_PROMPT_DIM = 256  # width of SAM / SAM2's prompt embeddings
 REQUIRED_KEYS = (
     "input_ids",
     "attention_mask",
     "mm_token_type_ids",
     "pixel_values",
     "image_grid_thw",
-)  # width of SAM / SAM2's prompt embeddings
+)  # what the queries' forward needs from a batch
 
 
 # ----------------------------------------------------------------------------- positions
@@ -150,6 +150,15 @@ class ContextQueries(nn.Module):
 
 
 # ----------------------------------------------------------------------------- connector
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): CLIP's GELU approximation, the authors' connector activation."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# "gelu" as a string keeps PyTorch's fused fast path; quick_gelu is a plain function
+ACTIVATIONS = {"gelu": "gelu", "quick_gelu": quick_gelu}
+
+
 class Connector(nn.Module):
     """pi_connector of eq. 3: Q' (B, M, C) -> Q_seg (B, K, 256), K = M or 1.
 
@@ -158,6 +167,8 @@ class Connector(nn.Module):
              transformer blocks, bidirectional attention, MLP ratio 4 (the paper's connector).
       "mlp": one pre-LayerNorm per-token MLP block (ratio 4, residual): no attention across
              queries and no positions. The paper does not describe its MLP; this is our reading.
+    activation / norm_eps / num_heads: the blocks' MLP activation ("gelu"; the authors' code:
+      "quick_gelu"), LayerNorm epsilon (1e-5; authors 1e-6) and heads (C // 64; authors 16).
     output:
       "tokens": every query becomes a SAM prompt token, Linear(C,C)-GELU-Linear(C,256) per
                 token (what the paper's text implies).
@@ -174,6 +185,8 @@ class Connector(nn.Module):
         depth: int = 4,
         num_heads: int | None = None,
         prompt_dim: int = SAM_PROMPT_DIM,
+        activation: str = "gelu",
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if kind not in ("vit", "mlp"):
@@ -191,7 +204,8 @@ class Connector(nn.Module):
                     heads,
                     4 * C,
                     dropout=0.0,
-                    activation="gelu",
+                    activation=ACTIVATIONS[activation],
+                    layer_norm_eps=norm_eps,
                     batch_first=True,
                     norm_first=True,
                 )

@@ -59,7 +59,7 @@ ImageLike = np.ndarray | Image.Image
 def load_mllm(
     path_or_id: str,
     dtype: torch.dtype = torch.bfloat16,
-    max_pixels: int = AUTHORS_MAX_PIXELS,
+    max_pixels: int | None = None,
     min_pixels: int | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
@@ -67,7 +67,9 @@ def load_mllm(
     """Load a Qwen2.5-VL (or Qwen2-VL) checkpoint and its processor with transformers' classes.
 
     The class is picked from the config's `model_type`. `max_pixels` bounds the smart-resized
-    input image (authors: 1,000,000), `min_pixels` keeps the checkpoint's value unless given.
+    input image (authors: AUTHORS_MAX_PIXELS = 1,000,000; the full preset passes it);
+    `max_pixels` / `min_pixels` keep the saved processor's values unless given, so a saved toy
+    model keeps its 112 x 112 budget.
     The tokenizer pads on the left, as generation needs.
     """
     config = AutoConfig.from_pretrained(path_or_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +57,9 @@ class LensConfig:
     connector_kind: str = "vit"
     connector_output: str = "tokens"
     connector_depth: int = 4
+    connector_heads: int | None = None  # None: hidden // 64 (authors' code: 16)
+    connector_activation: str = "gelu"  # authors' code: "quick_gelu"
+    connector_norm_eps: float = 1e-5  # authors' code: 1e-6
     mrope: str = "correct"
     box_prompt: bool = False
     stability_fallback: bool = False
@@ -135,8 +138,8 @@ class LensModel(nn.Module):
         cfg: LensConfig | None = None,
     ) -> None:
         super().__init__()
-        self.cfg = cfg or LensConfig()
-        self.cfg.sam = asdict(sam.cfg)  # the SAM in hand is the truth; saved with the bundle
+        # a copy: the SAM in hand is the truth for cfg.sam, and the caller's config stays as it was
+        self.cfg = replace(cfg or LensConfig(), sam=asdict(sam.cfg))
         self.mllm = mllm
         self.processor = processor
         self.sam = sam
@@ -148,7 +151,10 @@ class LensModel(nn.Module):
             kind=self.cfg.connector_kind,
             output=self.cfg.connector_output,
             depth=self.cfg.connector_depth,
+            num_heads=self.cfg.connector_heads,
             prompt_dim=sam.prompt_dim,
+            activation=self.cfg.connector_activation,
+            norm_eps=self.cfg.connector_norm_eps,
         )
         self.to(mllm.device)
 

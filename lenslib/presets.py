@@ -30,6 +30,7 @@ class Preset:
     name: str
     # ---- models
     mllm: str = "toy"  # "toy" (committed toy base model) or a path / hub id of Qwen2.5-VL
+    mllm_max_pixels: int | None = None  # smart-resize budget; None: the checkpoint's own
     sam_config: str = "toy"  # "toy" or a sam2 config name, e.g. "sam2_hiera_l.yaml"
     sam_checkpoint: str | None = None  # a SAM2 checkpoint file (full scale)
     num_queries: int = 64  # M, Table 3
@@ -79,6 +80,7 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(
         name="full",
         mllm="Qwen/Qwen2.5-VL-3B-Instruct",
+        mllm_max_pixels=1_000_000,  # the authors' budget (the hub processor allows ~12.8 M)
         sam_config="sam2_hiera_l.yaml",
         sam_checkpoint="checkpoints/sam2_hiera_large.pt",
         data_root="data",
@@ -146,7 +148,7 @@ def build_lens(
             mllm, processor = build_toy_mllm(tokenizer, seed=preset.seed)
             sam = SamSegmenter(SamConfig.toy(), device)
     else:
-        mllm, processor = load_mllm(preset.mllm, device=device)
+        mllm, processor = load_mllm(preset.mllm, max_pixels=preset.mllm_max_pixels, device=device)
         sam_cfg = SamConfig(config_name=preset.sam_config, checkpoint=preset.sam_checkpoint)
         sam = SamSegmenter(sam_cfg, device)
     with torch.random.fork_rng(devices=[]):

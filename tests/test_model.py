@@ -103,6 +103,8 @@ def test_save_and_load_round_trip(model, samples, tmp_path):
         after = loaded.forward_answers([s.image], [s.text], answer)
     assert torch.allclose(before.mask_logits, after.mask_logits, atol=1e-5)
     assert torch.allclose(before.logits, after.logits, atol=1e-5)
+    saved = model.processor.image_processor.size["longest_edge"]
+    assert loaded.processor.image_processor.size["longest_edge"] == saved  # toy budget kept
     with pytest.raises(FileNotFoundError, match="lens_config.json"):
         LensModel.from_pretrained(tmp_path / "nowhere")
 
@@ -112,3 +114,14 @@ def test_box_frames_round_trip():
     seen = to_mllm_frame(box, (56, 112), (100, 200))
     assert np.allclose(seen, (5.6, 11.2, 28.0, 33.6))
     assert np.allclose(to_original_frame(seen, (56, 112), (100, 200)), box)
+
+
+def test_connector_settings_survive_save_and_load(model, tmp_path):
+    cfg = LensConfig(num_queries=4, connector_depth=1, connector_heads=2,
+                     connector_activation="quick_gelu", connector_norm_eps=1e-6)  # fmt: skip
+    authors_like = LensModel(model.mllm, model.processor, model.sam, cfg)
+    assert cfg.sam == {}  # the caller's config is not modified
+    authors_like.save_pretrained(tmp_path / "m")
+    block = LensModel.from_pretrained(tmp_path / "m").connector.blocks[0]
+    assert block.norm1.eps == 1e-6 and block.self_attn.num_heads == 2
+    assert block.activation.__name__ == "quick_gelu"

@@ -1,0 +1,341 @@
+"""Pictures of what LENS does: masks on images, one GRPO group at a glance, training curves.
+
+* `overlay`:              the image with the mask tinted and the box outlined, in numpy (an RGB
+                          uint8 array, which is also what `lenslib.predict` writes as a PNG).
+* `show_prediction`:      one prediction on a matplotlib Axes, with the ground-truth box dashed.
+* `plot_group`:           the G rollouts of one prompt side by side (paper Fig. 2 / eq. 7): each
+                          with its mask, box, reward components (eq. 11), advantage and reasoning.
+* `plot_training_curves`: loss, validation cIoU / gIoU and rewards of both stages against step.
+* `rationale_panel`:      a chain of thought wrapped into lines for a figure.
+
+Every plotting function returns its Figure and never calls `plt.show()`: a notebook shows the
+figure it gets, a script saves it (`fig.savefig(...)`).
+
+Boxes are (x1, y1, x2, y2) in pixels of the image with exclusive x2 / y2 edges (the
+convention of `lenslib.data.masks`): the box of a mask spanning columns 3..7 is x1 = 3, x2 = 8.
+Masks are (H, W) arrays or tensors; any non-zero pixel is foreground. A ground-truth mask with
+the ignore label 255 should be passed as `sample.mask == 1`.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib import patheffects
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from lenslib.rewards import parse_answer
+
+BoxLike = Sequence[float]
+MaskLike = np.ndarray | torch.Tensor
+
+# Prediction = pink, ground truth = green. Pink is in neither the toy world's palette nor most
+# photos; every line gets a dark outline so it shows on any background.
+MASK_COLOR = (255, 20, 147)  # the predicted mask's tint and contour
+BOX_COLOR = (255, 20, 147)  # the predicted box
+GT_BOX_COLOR = "#00e676"  # the ground-truth box (dashed)
+OUTLINE_COLOR = (0, 0, 0)
+CUT = " [...]"  # ends a rationale cut by `rationale_panel(max_lines=...)`
+
+
+# ----------------------------------------------------------------------------------- numpy
+def _as_mask(mask: MaskLike, shape: tuple[int, int], name: str = "mask") -> np.ndarray:
+    """(H, W) bool array from a numpy array or a tensor; ValueError if the size differs."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {mask.shape}, the image is {shape}")
+    return mask.astype(bool)
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    """The image as (H, W, 3) uint8; ValueError naming what is wrong otherwise."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    return image
+
+
+def mask_edge(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the mask's pixels that touch a background pixel (4-neighbourhood) or the
+    image border, i.e. its contour."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def _paint_frame(
+    out: np.ndarray, corners: tuple[int, int, int, int], rgb: np.ndarray, t: int
+) -> None:
+    """Paint, in place, a frame `t` pixels wide just inside the inclusive pixel rectangle
+    (left, top, right, bottom), clipped to the image."""
+    left, top, right, bottom = corners
+    height, width = out.shape[:2]
+    x0, x1 = max(left, 0), min(right, width - 1) + 1  # clipped, end exclusive
+    y0, y1 = max(top, 0), min(bottom, height - 1) + 1
+    if x1 <= x0 or y1 <= y0:
+        return
+    out[max(top, 0) : max(min(top + t, y1), 0), x0:x1] = rgb  # top band
+    out[max(bottom - t + 1, y0) : min(bottom + 1, height), x0:x1] = rgb  # bottom band
+    out[y0:y1, max(left, 0) : max(min(left + t, x1), 0)] = rgb  # left band
+    out[y0:y1, max(right - t + 1, x0) : min(right + 1, width)] = rgb  # right band
+
+
+def draw_box(
+    image: np.ndarray,
+    box: BoxLike,
+    color: tuple[int, int, int] = BOX_COLOR,
+    thickness: int = 2,
+    outline: bool = True,
+) -> np.ndarray:
+    """The box painted into a copy of `image` (H, W, 3) uint8: a frame `thickness` pixels wide
+    just inside the box's edges, with a 1-pixel dark outline on both sides when `outline`.
+    The parts outside the image are clipped away."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box must hold 4 finite numbers, got {tuple(box)}")
+    # pixel edges -> first and last pixel covered (x2, y2 exclusive)
+    left, top = math.floor(min(x1, x2)), math.floor(min(y1, y2))
+    right, bottom = math.ceil(max(x1, x2)) - 1, math.ceil(max(y1, y2)) - 1
+    out = image.copy()
+    if right < left or bottom < top:
+        return out  # an empty box: nothing to draw
+    t = max(int(thickness), 1)
+    if outline:
+        dark = np.asarray(OUTLINE_COLOR, dtype=np.uint8)
+        _paint_frame(out, (left - 1, top - 1, right + 1, bottom + 1), dark, t + 2)
+    _paint_frame(out, (left, top, right, bottom), np.asarray(color, dtype=np.uint8), t)
+    return out
+
+
+def overlay(
+    image: np.ndarray,
+    mask: MaskLike | None,
+    box: BoxLike | None = None,
+    color: tuple[int, int, int] = MASK_COLOR,
+    alpha: float = 0.5,
+    box_color: tuple[int, int, int] = BOX_COLOR,
+    thickness: int = 2,
+) -> np.ndarray:
+    """The image (H, W, 3) uint8 with the mask tinted (`alpha` of `color` blended in, its
+    contour in full `color`) and the box drawn (`draw_box`); returns a new (H, W, 3) uint8
+    array. mask or box may be None."""
+    image = _check_image(image)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = image.copy()
+    if mask is not None:
+        fg = _as_mask(mask, image.shape[:2])
+        tint = np.asarray(color, dtype=np.float32)
+        blended = (1.0 - alpha) * image[fg].astype(np.float32) + alpha * tint  # (P, 3)
+        out[fg] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+        out[mask_edge(fg)] = np.asarray(color, dtype=np.uint8)
+    if box is not None:
+        out = draw_box(out, box, box_color, thickness)
+    return out
+
+
+# ------------------------------------------------------------------------------ matplotlib
+def _box_patch(box: BoxLike, color: str, style: str, label: str) -> Rectangle:
+    """A matplotlib rectangle for an (x1, y1, x2, y2) box in pixel-edge coordinates.
+
+    imshow puts pixel i's centre at i, so pixel edges sit at i - 0.5."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    patch = Rectangle(
+        (min(x1, x2) - 0.5, min(y1, y2) - 0.5), abs(x2 - x1), abs(y2 - y1),
+        fill=False, edgecolor=color, linewidth=2, linestyle=style, label=label,
+    )  # fmt: skip
+    patch.set_path_effects([patheffects.withStroke(linewidth=3.5, foreground="black")])
+    return patch
+
+
+def show_prediction(
+    ax: Axes,
+    image: np.ndarray,
+    mask: MaskLike | None,
+    box: BoxLike | None = None,
+    gt_box: BoxLike | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Draw one prediction on `ax`: the tinted mask, the predicted box (solid pink) and the
+    ground-truth box (dashed green). Returns the Axes' Figure."""
+    ax.imshow(overlay(image, mask))
+    if box is not None:
+        ax.add_patch(_box_patch(box, np.array(BOX_COLOR) / 255, "-", "predicted box"))
+    if gt_box is not None:
+        ax.add_patch(_box_patch(gt_box, GT_BOX_COLOR, "--", "ground-truth box"))
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax.figure
+
+
+def rationale_panel(text: str, width: int = 40, max_lines: int | None = None) -> str:
+    """`text` wrapped to lines of at most `width` characters; its own line breaks are kept.
+    With `max_lines`, longer text is cut to that many lines and ends in " [...]"."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    lines = [
+        line
+        for paragraph in text.strip().splitlines()
+        for line in (textwrap.wrap(paragraph, width=width, break_long_words=True) or [""])
+    ]
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[: max(max_lines, 1)]
+        lines[-1] = lines[-1][: max(width - len(CUT), 0)].rstrip() + CUT
+    return "\n".join(lines)
+
+
+def _reasoning(text: str) -> str:
+    """The <think> part of a completion, or the whole completion when it has none."""
+    think = parse_answer(text).think
+    return think if think is not None else f"(no <think> block) {text}"
+
+
+def plot_group(
+    image: np.ndarray,
+    rollout_texts: Sequence[str],
+    masks: Sequence[MaskLike | None],
+    boxes: Sequence[BoxLike | None],
+    rewards: Mapping[str, Sequence[float]],
+    advantages: Sequence[float],
+    gt_box: BoxLike | None = None,
+    prompt: str | None = None,
+    width: int = 34,
+    max_lines: int = 14,
+) -> Figure:
+    """One GRPO group seen whole: G panels side by side, one per rollout of the same prompt.
+
+    Each panel shows the rollout's mask and box (and the dashed ground-truth box if given);
+    its title gives the advantage A_i (eq. 7; green when above the group mean, red when below)
+    and the reward components (eq. 11, e.g. rewards = {"format": [...], "box": [...],
+    "seg": [...]}); under it, the rollout's reasoning, wrapped (`width` characters, at most
+    `max_lines` lines). The rollout with the highest advantage gets a frame. `prompt`, the
+    referring expression, goes into the figure's title. 2 x G axes (image row, text row).
+    """
+    g = len(rollout_texts)
+    if g == 0:
+        raise ValueError("plot_group needs at least one rollout, got none")
+    lengths = {"masks": len(masks), "boxes": len(boxes), "advantages": len(advantages)}
+    lengths |= {f"rewards[{name!r}]": len(values) for name, values in rewards.items()}
+    for name, n in lengths.items():
+        if n != g:
+            raise ValueError(f"{name} has {n} entries, expected one per rollout ({g})")
+    panels = [rationale_panel(_reasoning(text), width, max_lines) for text in rollout_texts]
+    text_height = 0.15 * max(p.count("\n") + 1 for p in panels) + 0.1  # inches at fontsize 7.5
+    fig, axes = plt.subplots(
+        2, g, figsize=(2.7 * g, 3.3 + text_height), squeeze=False,
+        gridspec_kw={"height_ratios": [2.6, text_height]},
+    )  # fmt: skip
+    best = int(np.argmax(advantages))
+    for i in range(g):
+        rewards_line = "  ".join(f"{k} {float(v[i]):.2f}" for k, v in rewards.items())
+        title = f"rollout {i + 1}   A = {float(advantages[i]):+.2f}\n{rewards_line}"
+        show_prediction(axes[0, i], image, masks[i], boxes[i], gt_box, title)
+        sign_color = "#1b7f3b" if advantages[i] > 0 else "#b71c1c" if advantages[i] < 0 else "k"
+        axes[0, i].title.set_color(sign_color)
+        if i == best:
+            for spine in axes[0, i].spines.values():
+                spine.set_edgecolor(sign_color)
+                spine.set_linewidth(3)
+        text_ax = axes[1, i]
+        text_ax.axis("off")
+        text_ax.text(0.0, 1.0, panels[i], va="top", ha="left", fontsize=7.5, family="monospace",
+                     transform=text_ax.transAxes)  # fmt: skip
+    heading = f"one GRPO group: G = {g} rollouts of " + (repr(prompt) if prompt else "one prompt")
+    fig.suptitle(
+        heading + "\npink: the rollout's mask and box    dashed green: the ground-truth box",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _series(history: Sequence[Mapping] | None, key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that hold a finite `key` and a 'step'."""
+    steps, values = [], []
+    for record in history or []:
+        value, step = record.get(key), record.get("step")
+        if value is None or step is None:
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            steps.append(float(step))
+            values.append(float(value))
+    return steps, values
+
+
+def plot_training_curves(
+    history_stage1: Sequence[Mapping] | None, history_stage2: Sequence[Mapping] | None
+) -> Figure:
+    """Loss, validation cIoU / gIoU and mean rewards against the optimiser step, three panels.
+
+    The histories are the lists of dicts the training loops return (keys 'step', 'loss',
+    'val_ciou', 'val_giou', 'reward', 'reward_format', 'reward_box', 'reward_seg'; validation
+    keys only on evaluation steps). Stage 2 continues the step axis after stage 1 (a dotted line
+    marks the change). Missing keys or empty histories leave their curves out.
+    """
+    offset = max(_series(history_stage1, "step")[1], default=0.0)  # stage 1's last step
+
+    def curve(ax: Axes, history, key: str, label: str, shift: float, **style) -> bool:
+        steps, values = _series(history, key)
+        if steps:
+            ax.plot([s + shift for s in steps], values, label=label, **style)
+        return bool(steps)
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    loss_ax, val_ax, reward_ax = axes
+    drawn = [False, False, False]
+    drawn[0] |= curve(loss_ax, history_stage1, "loss", "stage 1: seg loss (eq. 5)", 0, color="C0")
+    drawn[0] |= curve(
+        loss_ax, history_stage2, "loss", "stage 2: GRPO + seg loss (eq. 12)", offset, color="C1"
+    )
+    for stage, (history, shift) in enumerate(((history_stage1, 0), (history_stage2, offset)), 1):
+        for key, marker in (("val_ciou", "o"), ("val_giou", "s")):
+            label = f"stage {stage}: {key[4:].replace('iou', 'IoU')}"
+            color = "C0" if stage == 1 else "C1"
+            style = "-" if key == "val_ciou" else "--"
+            drawn[1] |= curve(val_ax, history, key, label, shift, color=color, marker=marker,
+                              linestyle=style, markersize=4)  # fmt: skip
+    reward_keys = (
+        ("reward", "unified R (eq. 11)", "k"),
+        ("reward_format", "R_format", "C2"),
+        ("reward_box", "R_box", "C3"),
+        ("reward_seg", "R_seg", "C4"),
+    )
+    for key, label, color in reward_keys:
+        drawn[2] |= curve(reward_ax, history_stage2, key, label, offset, color=color)
+    titles = ("training loss", "validation mask IoU", "stage 2: mean reward per step")
+    ylabels = ("loss", "IoU", "reward")
+    for ax, title, ylabel, has_data in zip(axes, titles, ylabels, drawn):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(ylabel)
+        if has_data:
+            ax.legend(fontsize=7)
+            if offset and history_stage2:
+                ax.axvline(offset + 0.5, color="grey", linestyle=":", linewidth=1)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes,
+                    color="grey")  # fmt: skip
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = [
+    "draw_box",
+    "overlay",
+    "plot_group",
+    "plot_training_curves",
+    "rationale_panel",
+    "show_prediction",
+]
