@@ -6,15 +6,18 @@ Two halves with two different lives:
   depends only on the image, so it is computed once per image and kept in a `FeatureCache`
   (memory, optionally disk) that serves every epoch and all G rollouts of a GRPO group.
 * The PROMPT ENCODER + MASK DECODER read the prompts. LENS's prompts are the connector's
-  context tokens Q_seg (B, K, 256): they are concatenated AFTER the prompt encoder's sparse output,
-  exactly where box-corner or point embeddings would go, so SAM2's code is used unchanged.
+  context tokens Q_seg (B, K, D), D = 256 (toy: 128): they are concatenated AFTER the prompt
+  encoder's sparse output, exactly where box-corner or point embeddings would go, so SAM2's
+  code is used unchanged.
   The dense prompt is `no_mask_embed`, what the prompt encoder gives when there is no mask.
   The decoder is trained in stage 2 (GRPO), so gradients flow from the mask logits into the
   context tokens and into the decoder, never into the image encoder.
 
 Everything is built with the `sam2` package (`build_sam2` + hydra configs): the full model is the
 authors' SAM 2.0 hiera-L (`sam2_hiera_l.yaml`, 1024 px); the toy model is the same config with
-size overrides (`SamConfig.toy()`), so both run the same code.
+size overrides (`SamConfig.toy()`), so both run the same code. LENS starts from a PRETRAINED
+SAM2; the toy equivalent is pretrained on the toy world by `lenslib.pretrain_sam` and loaded
+with `load_toy_sam` (weights in lenslib/assets/toy/sam/).
 
 A detail worth knowing: SAM2 keeps two 1x1 convs (`conv_s0`, `conv_s1`) inside the mask decoder
 but applies them to the high-res features in `forward_image`, i.e. on the encoder side. The
@@ -29,6 +32,7 @@ so `SamConfig.train_high_res_convs` chooses:
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,14 +56,20 @@ IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 # Hydra overrides that shrink the hiera-L config to a laptop-sized toy (facts, section 6):
-# Hiera trunk 16 -> 128 channels over 4 stages of 1, 1, 2, 1 blocks (~0.36 M parameters).
-# The prompt encoder and mask decoder keep SAM2's fixed width of 256 (~4.2 M parameters).
+# Hiera trunk 16 -> 128 channels over 4 stages of 1, 1, 2, 1 blocks (~0.33 M parameters).
+# The neck's d_model sets SAM2's prompt width (prompt tokens, image embedding, mask decoder):
+# 256 in the real model, 128 here, which shrinks the decoder from 4.2 M to 1.65 M parameters so
+# the pretrained toy weights stay small on disk (~4 MB in float16). The sine position encoding
+# of the neck must have the same width.
+TOY_PROMPT_DIM = 128
 TOY_OVERRIDES = (
     "++model.image_encoder.trunk.embed_dim=16",
     "++model.image_encoder.trunk.num_heads=1",
     "++model.image_encoder.trunk.stages=[1,1,2,1]",
     "++model.image_encoder.trunk.global_att_blocks=[3]",
     "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+    f"++model.image_encoder.neck.d_model={TOY_PROMPT_DIM}",
+    f"++model.image_encoder.neck.position_encoding.num_pos_feats={TOY_PROMPT_DIM}",
 )
 
 
@@ -97,7 +107,8 @@ class SamConfig:
 
     @classmethod
     def toy(cls, **changes) -> SamConfig:
-        """The hiera-L config shrunk to 128 px and a tiny trunk (random weights, CPU-friendly)."""
+        """The hiera-L config shrunk to 128 px, a tiny trunk and prompt width 128 (random weights
+        unless `checkpoint`; `load_toy_sam` loads the pretrained toy weights)."""
         settings = {"image_size": 128, "overrides": TOY_OVERRIDES} | changes
         return cls(**settings)
 
@@ -202,9 +213,10 @@ def image_hash(image: np.ndarray) -> str:
 class SamFeatures:
     """Frozen image features of N images, as `SAM2ImagePredictor.set_image` computes them.
 
-    image_embed: (N, 256, S/16, S/16) lowest-resolution map, `no_mem_embed` already added.
+    image_embed: (N, D, S/16, S/16) lowest-resolution map (D = prompt width), `no_mem_embed` already added.
     high_res:    ((N, C0, S/4, S/4), (N, C1, S/8, S/8)); C0, C1 = 32, 64 after the decoder's
-                 conv_s0/conv_s1, or 256, 256 (raw neck output) when train_high_res_convs.
+                 conv_s0/conv_s1 (toy: 16, 32), or D, D (raw neck output) when
+                 train_high_res_convs.
                  Empty for a config without high-res features.
     """
 
@@ -350,7 +362,7 @@ class SamSegmenter(nn.Module):
 
     @property
     def prompt_dim(self) -> int:
-        """Width of SAM's prompt tokens (256): the connector must project to this."""
+        """Width D of SAM's prompt tokens (256; toy 128): the connector must project to this."""
         return self.sam.sam_prompt_embed_dim
 
     def set_decoder_trainable(self, trainable: bool) -> None:
@@ -434,12 +446,15 @@ class SamSegmenter(nn.Module):
 
     @torch.no_grad()
     def run_image_encoder(self, images: Sequence[np.ndarray]) -> SamFeatures:
-        """No cache: what `SAM2ImagePredictor.set_image` computes, for a batch of images.
+        """No cache, no gradients: what `SAM2ImagePredictor.set_image` computes for N images."""
+        return self.image_features(preprocess_images(images, self.cfg.image_size))
+
+    def image_features(self, pixels: Tensor) -> SamFeatures:
+        """(N, 3, S, S) preprocessed pixels -> features, differentiable (for pretraining SAM).
 
         forward_image (Hiera + FPN neck [+ conv_s0/conv_s1]) -> _prepare_backbone_features ->
         add no_mem_embed to the lowest-resolution level -> maps back to (N, C, h, w).
         """
-        pixels = preprocess_images(images, self.cfg.image_size)
         pixels = pixels.to(self.device, self.sam.no_mem_embed.dtype)
         if self.cfg.train_high_res_convs:
             backbone_out = self.sam.image_encoder(pixels)  # conv_s0/conv_s1 run later, in decode
@@ -458,23 +473,34 @@ class SamSegmenter(nn.Module):
 
     # ---- trainable prompt encoder + mask decoder ------------------------------------------
     def embed_prompts(
-        self, batch: int, boxes: Tensor | None, orig_sizes: Sequence[tuple[int, int]]
+        self,
+        batch: int,
+        boxes: Tensor | None,
+        orig_sizes: Sequence[tuple[int, int]],
+        points: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """SAM2's prompt encoder: sparse (B, 3 or 0, 256) box tokens and dense (B, 256, h, w).
+        """SAM2's prompt encoder: sparse (B, n, D) point/box tokens and dense (B, D, h, w).
 
-        A box (x1, y1, x2, y2) in ORIGINAL image pixels is scaled to SAM's S x S input frame,
-        then enters as two corner points (labels 2, 3), exactly as `SAM2ImagePredictor` does;
-        the prompt encoder appends one padding point. Without a mask prompt the dense
-        embedding is `no_mask_embed` broadcast over the image grid.
+        A box (x1, y1, x2, y2) in ORIGINAL image pixels enters as two corner points (labels 2,
+        3), then come the clicked points (labels 1 positive, 0 negative), all scaled to SAM's
+        S x S input frame, exactly as `SAM2ImagePredictor` does; the prompt encoder appends one
+        padding point, so n = 2 (box) + N (points) + 1, or 0 without any. Without a mask prompt
+        the dense embedding is `no_mask_embed` broadcast over the image grid.
         """
-        points = None
+        coords, labels = [], []
         if boxes is not None:
-            hw = torch.tensor(orig_sizes, dtype=torch.float32, device=boxes.device)  # (B, 2)
-            scale = self.cfg.image_size / hw.flip(1)  # (B, 2): S / W, S / H
-            corners = boxes.float().reshape(-1, 2, 2) * scale[:, None, :]  # (B, 2, 2) as (x, y)
-            labels = torch.tensor([[2, 3]], dtype=torch.int, device=boxes.device).repeat(batch, 1)
-            points = (corners.to(self.device), labels.to(self.device))
-        sparse, dense = self.sam.sam_prompt_encoder(points=points, boxes=None, masks=None)
+            coords.append(boxes.float().reshape(-1, 2, 2))  # (B, 2, 2) corners as (x, y)
+            labels.append(torch.tensor([[2, 3]], dtype=torch.int).repeat(batch, 1))
+        if points is not None:
+            coords.append(points[0].float())  # (B, N, 2) as (x, y)
+            labels.append(points[1].int().cpu())
+        prompt = None
+        if coords:
+            hw = torch.tensor(orig_sizes, dtype=torch.float32)  # (B, 2)
+            scale = (self.cfg.image_size / hw.flip(1)).to(self.device)  # (B, 2): S / W, S / H
+            xy = torch.cat([c.to(self.device) for c in coords], dim=1) * scale[:, None, :]
+            prompt = (xy, torch.cat(labels, dim=1).to(self.device))
+        sparse, dense = self.sam.sam_prompt_encoder(points=prompt, boxes=None, masks=None)
         # with no prompt at all the prompt encoder answers for batch 1: broadcast to B
         return sparse.expand(batch, -1, -1), dense.expand(batch, -1, -1, -1)
 
@@ -486,31 +512,59 @@ class SamSegmenter(nn.Module):
         orig_sizes: Sequence[tuple[int, int]] | None = None,
         multimask: bool = False,
         stability_fallback: bool = False,
+        points: tuple[Tensor, Tensor] | None = None,
     ) -> SamOutput:
         """Masks for B prompts; gradients reach `context_tokens` and the decoder.
 
         features:       batch 1 (one image shared by all B prompts, e.g. a GRPO group: the
                         decoder repeats it internally, no copy here) or batch B.
-        context_tokens: (B, K, 256) LENS's Q_seg, appended after the box tokens (if any).
+        context_tokens: (B, K, D) LENS's Q_seg, appended after the box tokens (if any).
         boxes:          (B, 4) x1, y1, x2, y2 in original image pixels, or None (LENS default).
         orig_sizes:     B (H, W) pairs: logits are upsampled (bilinear) to these sizes.
         multimask:      False: mask token 0 (authors, training and eval); True: the 3 masks.
         stability_fallback: SAM2's "dynamic multimask": where token 0's mask has stability
                         score < 0.98, return the multimask output with the best predicted IoU
                         (the authors' SAM2 build does this at eval). Single-mask mode only.
+        points:         optional clicks: coords (B, N, 2) as (x, y) in original image pixels
+                        and labels (B, N), 1 = positive, 0 = negative (SAM's point prompts).
         """
-        batch = self._check_decode_inputs(features, context_tokens, boxes, orig_sizes)
         if multimask and stability_fallback:
             raise ValueError("choose multimask=True or stability_fallback=True, not both")
-        sparse, dense = self.embed_prompts(batch, boxes, orig_sizes)
+        all_masks, all_iou = self.predict_all_masks(
+            features, context_tokens, boxes, orig_sizes, points
+        )
+        if multimask:
+            low_res, iou = all_masks[:, 1:], all_iou[:, 1:]
+        elif stability_fallback:
+            decoder = self.sam.sam_mask_decoder
+            low_res, iou = decoder._dynamic_multimask_via_stability(all_masks, all_iou)
+        else:
+            low_res, iou = all_masks[:, :1], all_iou[:, :1]
+        return SamOutput(upsample_logits(low_res, orig_sizes), iou, low_res)
+
+    def predict_all_masks(
+        self,
+        features: SamFeatures,
+        context_tokens: Tensor | None = None,
+        boxes: Tensor | None = None,
+        orig_sizes: Sequence[tuple[int, int]] | None = None,
+        points: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The decoder's raw output for all 4 mask tokens (arguments as in `decode`).
+
+        Returns low-resolution logits (B, 4, S/4, S/4) and predicted IoUs (B, 4): token 0 is
+        the single-mask output, tokens 1-3 the multimask outputs. `decode` picks from these;
+        pretraining (`lenslib.pretrain_sam`) supervises all of them, as SAM's training does.
+        """
+        batch = self._check_decode_inputs(features, context_tokens, boxes, orig_sizes, points)
+        sparse, dense = self.embed_prompts(batch, boxes, orig_sizes, points)
         if context_tokens is not None:  # LENS: the context tokens are just more sparse prompts
-            sparse = torch.cat([sparse, context_tokens.to(sparse.dtype)], dim=1)  # (B, n+K, 256)
+            sparse = torch.cat([sparse, context_tokens.to(sparse.dtype)], dim=1)  # (B, n+K, D)
 
         decoder = self.sam.sam_mask_decoder
         high_res = list(features.high_res)
         if self.cfg.train_high_res_convs and high_res:
             high_res = [decoder.conv_s0(high_res[0]), decoder.conv_s1(high_res[1])]
-        # predict_masks returns all 4 mask tokens' outputs: (B, 4, S/4, S/4) and (B, 4)
         all_masks, all_iou, _, _ = decoder.predict_masks(
             image_embeddings=features.image_embed,
             image_pe=self.sam.sam_prompt_encoder.get_dense_pe(),
@@ -519,13 +573,7 @@ class SamSegmenter(nn.Module):
             repeat_image=len(features) == 1,
             high_res_features=high_res or None,
         )
-        if multimask:
-            low_res, iou = all_masks[:, 1:], all_iou[:, 1:]
-        elif stability_fallback:
-            low_res, iou = decoder._dynamic_multimask_via_stability(all_masks, all_iou)
-        else:
-            low_res, iou = all_masks[:, :1], all_iou[:, :1]
-        return SamOutput(upsample_logits(low_res, orig_sizes), iou, low_res)
+        return all_masks, all_iou
 
     def _check_decode_inputs(
         self,
@@ -533,11 +581,23 @@ class SamSegmenter(nn.Module):
         context_tokens: Tensor | None,
         boxes: Tensor | None,
         orig_sizes: Sequence[tuple[int, int]] | None,
+        points: tuple[Tensor, Tensor] | None = None,
     ) -> int:
         """Validate shapes; return the number of prompts B."""
-        if context_tokens is None and boxes is None:
+        d = self.prompt_dim
+        if context_tokens is None and boxes is None and points is None:
             raise ValueError(
-                "SAM needs a prompt: pass context_tokens (B, K, 256) and/or boxes (B, 4)"
+                f"SAM needs a prompt: pass context_tokens (B, K, {d}), boxes (B, 4) and/or points"
+            )
+        if points is not None and (
+            len(points) != 2
+            or points[0].ndim != 3
+            or points[0].shape[2] != 2
+            or tuple(points[1].shape) != tuple(points[0].shape[:2])
+        ):
+            raise ValueError(
+                "points must be (coords (B, N, 2), labels (B, N)), got shapes "
+                f"{[tuple(t.shape) for t in points]}"
             )
         if context_tokens is not None and (
             context_tokens.ndim != 3 or context_tokens.shape[2] != self.prompt_dim
@@ -547,9 +607,12 @@ class SamSegmenter(nn.Module):
             )
         if boxes is not None and (boxes.ndim != 2 or boxes.shape[1] != 4):
             raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
-        sizes = {t.shape[0] for t in (context_tokens, boxes) if t is not None}
+        point_coords = points[0] if points is not None else None
+        sizes = {t.shape[0] for t in (context_tokens, boxes, point_coords) if t is not None}
         if len(sizes) != 1:
-            raise ValueError(f"context_tokens and boxes disagree on the batch size: {sizes}")
+            raise ValueError(
+                f"context_tokens, boxes and points disagree on the batch size: {sizes}"
+            )
         batch = sizes.pop()
         if orig_sizes is None or len(orig_sizes) != batch:
             raise ValueError(
@@ -595,3 +658,93 @@ def upsample_logits(
         F.interpolate(low_res[i : i + 1], size, mode="bilinear", align_corners=False)[0]
         for i, size in enumerate(sizes)
     ]
+
+
+# ---- saved SAM weights (the pretrained toy SAM2) --------------------------------------------
+TOY_SAM_DIR = Path(__file__).parent / "assets" / "toy" / "sam"
+WEIGHTS_FILE = "model.safetensors"
+INFO_FILE = "sam.json"
+ARCHITECTURE_FIELDS = ("config_name", "image_size", "overrides")  # what the weights depend on
+
+
+def save_sam(
+    seg: SamSegmenter, directory: str | Path, info: dict, dtype: torch.dtype = torch.float16
+) -> Path:
+    """Write <directory>/model.safetensors (weights cast to `dtype`) and <directory>/sam.json.
+
+    The json holds the architecture fields of the SamConfig under "sam_config" (so `load_sam`
+    can rebuild the model) plus everything in `info` (e.g. steps, wall time, val IoU).
+    float16 halves the file size; `load_sam` turns the weights back into float32.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+        for name, t in seg.sam.state_dict().items()
+    }
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    config = {field: getattr(seg.cfg, field) for field in ARCHITECTURE_FIELDS}
+    config["overrides"] = list(config["overrides"])
+    record = {"sam_config": config, "weights_dtype": str(dtype).removeprefix("torch."), **info}
+    (directory / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return directory
+
+
+def read_sam_info(directory: str | Path) -> dict:
+    """The json written by `save_sam`; a clear error if the directory or its files are missing."""
+    directory = Path(directory)
+    missing = [name for name in (WEIGHTS_FILE, INFO_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"SAM weights not found: {', '.join(str(directory / m) for m in missing)} missing. "
+            "Create them with `python -m lenslib.pretrain_sam --out "
+            f"{directory}` (the toy SAM2 is pretrained on the toy world, ~20 min on a CPU)."
+        )
+    info = json.loads((directory / INFO_FILE).read_text())
+    if not isinstance(info.get("sam_config"), dict):
+        raise ValueError(f"{directory / INFO_FILE}: no 'sam_config' object")
+    return info
+
+
+def load_sam(directory: str | Path, device: str | torch.device = "cpu", **changes) -> SamSegmenter:
+    """Rebuild the SamConfig saved by `save_sam` and load its weights (as float32).
+
+    `changes` set the non-architecture SamConfig fields (cache_size, cache_dir,
+    train_high_res_convs).
+    """
+    directory = Path(directory)
+    saved = read_sam_info(directory)["sam_config"]
+    unknown = set(saved) - set(ARCHITECTURE_FIELDS)
+    if unknown:
+        raise ValueError(f"{directory / INFO_FILE}: unknown sam_config fields {sorted(unknown)}")
+    architecture = set(changes) & set(ARCHITECTURE_FIELDS)
+    if architecture:
+        raise ValueError(f"load_sam cannot change architecture fields {sorted(architecture)}")
+    cfg = SamConfig(**(saved | {"overrides": tuple(saved["overrides"])} | changes))
+    seg = SamSegmenter(cfg, device)
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    state = {name: t.float() if t.is_floating_point() else t for name, t in tensors.items()}
+    seg.sam.load_state_dict(state)  # strict: a missing or extra weight is an error
+    seg.reset_cache()
+    return seg
+
+
+def load_toy_sam(
+    device: str | torch.device = "cpu", directory: str | Path = TOY_SAM_DIR, **changes
+) -> SamSegmenter:
+    """The pretrained toy SAM2 (lenslib/assets/toy/sam/), the toy stand-in for Meta's SAM2.
+
+    Raises if the asset is missing, or if it was trained for another architecture than the
+    current `SamConfig.toy()` (then rerun `python -m lenslib.pretrain_sam`).
+    """
+    saved = read_sam_info(directory)["sam_config"]
+    toy = SamConfig.toy()
+    expected = {field: getattr(toy, field) for field in ARCHITECTURE_FIELDS}
+    expected["overrides"] = list(expected["overrides"])
+    if saved != expected:
+        raise ValueError(
+            f"{Path(directory) / INFO_FILE} was trained for sam_config {saved}, but "
+            f"SamConfig.toy() is now {expected}: rerun `python -m lenslib.pretrain_sam --out "
+            f"{directory}`"
+        )
+    return load_sam(directory, device, **changes)

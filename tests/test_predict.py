@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import matplotlib
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+matplotlib.use("Agg")
 
 import numpy as np
 import pytest

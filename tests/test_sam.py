@@ -11,6 +11,7 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.transforms import SAM2Transforms
 
 from lenslib.sam import (
+    TOY_PROMPT_DIM,
     FeatureCache,
     SamConfig,
     SamFeatures,
@@ -19,6 +20,8 @@ from lenslib.sam import (
     preprocess_images,
     resolve_config_name,
 )
+
+D = TOY_PROMPT_DIM  # prompt width of the toy SAM2 (256 in the real one)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -68,11 +71,13 @@ def predictor_for(seg: SamSegmenter) -> SAM2ImagePredictor:
 # ---- config and building ------------------------------------------------------------------
 def test_toy_preset_sizes(seg: SamSegmenter) -> None:
     counts = seg.parameter_counts()
-    assert 300_000 < counts["image_encoder"] < 400_000  # facts: ~0.36 M
-    assert counts["prompt_encoder"] == 6_220 and counts["mask_decoder"] == 4_215_109
+    assert 300_000 < counts["image_encoder"] < 400_000  # facts: ~0.36 M at width 256
+    # prompt width 128 instead of 256: the decoder shrinks from 4.2 M to 1.65 M parameters
+    assert counts["prompt_encoder"] == 3_276 and counts["mask_decoder"] == 1_651_621
+    assert counts["total"] * 2 < 4.5e6  # float16 weights stay well under the 8 MB budget
     parts = ("image_encoder", "prompt_encoder", "mask_decoder", "other")
     assert counts["total"] == sum(counts[k] for k in parts)
-    assert seg.sam.image_size == 128 and seg.prompt_dim == 256
+    assert seg.sam.image_size == 128 and seg.prompt_dim == D
     assert not hasattr(seg.sam, "memory_attention")  # video memory removed, as the authors do
 
 
@@ -95,7 +100,7 @@ def test_config_names_resolve() -> None:
 def test_sam21_toy_builds_after_hydra_was_cleared() -> None:
     GlobalHydra.instance().clear()  # building must not depend on `import sam2` having run last
     seg21 = SamSegmenter(SamConfig.toy(config_name="sam2.1_hiera_l.yaml"))
-    out = seg21([random_image(64, 64)], context_tokens=torch.randn(1, 2, 256), multimask=True)
+    out = seg21([random_image(64, 64)], context_tokens=torch.randn(1, 2, D), multimask=True)
     assert out.logits.shape == (1, 3, 64, 64)
 
 
@@ -214,8 +219,8 @@ def test_train_high_res_convs_keeps_parity_and_trains_the_convs() -> None:
     masks, _, _ = predictor.predict(box=box, multimask_output=False, return_logits=True)
 
     features = seg_raw.encode([image])
-    assert [level.shape[1] for level in features.high_res] == [256, 256]  # before conv_s0/s1
-    tokens = torch.randn(1, 4, 256)
+    assert [level.shape[1] for level in features.high_res] == [D, D]  # before conv_s0/s1
+    tokens = torch.randn(1, 4, D)
     out = seg_raw.decode(features, tokens, torch.from_numpy(box)[None], [(96, 160)])
     out.logits.sum().backward()
     assert seg_raw.sam.sam_mask_decoder.conv_s0.weight.grad.abs().sum() > 0
@@ -312,7 +317,7 @@ def test_gradients_reach_tokens_and_decoder_but_not_encoder(fresh) -> None:
     fresh.train()
     assert not fresh.sam.image_encoder.training and fresh.sam.sam_mask_decoder.training
     image = random_image(64, 96)
-    tokens = torch.randn(3, 5, 256, requires_grad=True)
+    tokens = torch.randn(3, 5, D, requires_grad=True)
     features = fresh.encode([image])
     out = fresh.decode(features, context_tokens=tokens, orig_sizes=[(64, 96)] * 3)
     out.logits.sigmoid().mean().backward()
@@ -333,7 +338,7 @@ def test_frozen_decoder_still_passes_gradient_to_tokens(fresh) -> None:
     fresh.set_decoder_trainable(False)  # stage 1: all of SAM frozen
     try:
         assert fresh.trainable_parameters() == []
-        tokens = torch.randn(1, 4, 256, requires_grad=True)
+        tokens = torch.randn(1, 4, D, requires_grad=True)
         out = fresh([random_image(40, 40)], context_tokens=tokens)
         out.logits.mean().backward()
         assert tokens.grad.abs().sum() > 0
@@ -345,7 +350,7 @@ def test_frozen_decoder_still_passes_gradient_to_tokens(fresh) -> None:
 def test_one_image_serves_a_group_of_rollouts(fresh) -> None:
     """GRPO: features of batch 1, G prompts; same result as one image copy per prompt."""
     image = random_image(72, 100, seed=4)
-    tokens = torch.randn(4, 6, 256)
+    tokens = torch.randn(4, 6, D)
     shared = fresh.encode([image])
     with torch.no_grad():
         grouped = fresh.decode(shared, tokens, orig_sizes=[(72, 100)] * 4)
@@ -363,18 +368,18 @@ def test_box_and_tokens_together(fresh) -> None:
     boxes = torch.tensor([[4.0, 4.0, 40.0, 50.0]])
     with torch.no_grad():
         box_only = fresh.decode(features, boxes=boxes, orig_sizes=[(64, 64)])
-        both = fresh.decode(features, torch.randn(1, 3, 256), boxes, [(64, 64)])
+        both = fresh.decode(features, torch.randn(1, 3, D), boxes, [(64, 64)])
     assert both.logits.shape == box_only.logits.shape == (1, 1, 64, 64)
     assert not torch.allclose(both.logits, box_only.logits)
 
 
 def test_outputs_have_each_original_size(fresh) -> None:
     images = [random_image(50, 90, seed=1), random_image(120, 40, seed=2)]
-    out = fresh(images, context_tokens=torch.randn(2, 3, 256))
+    out = fresh(images, context_tokens=torch.randn(2, 3, D))
     assert isinstance(out.logits, list)
     assert [tuple(t.shape) for t in out.logits] == [(1, 50, 90), (1, 120, 40)]
     assert out.low_res_logits.shape == (2, 1, 32, 32) and out.iou_pred.shape == (2, 1)
-    same = fresh([images[0], images[0]], context_tokens=torch.randn(2, 3, 256))
+    same = fresh([images[0], images[0]], context_tokens=torch.randn(2, 3, D))
     assert same.logits.shape == (2, 1, 50, 90)
 
 
@@ -383,17 +388,74 @@ def test_decode_input_errors(fresh) -> None:
     sizes = [(32, 32)]
     with pytest.raises(ValueError, match="SAM needs a prompt"):
         fresh.decode(features, orig_sizes=sizes)
-    with pytest.raises(ValueError, match=r"\(B, K, 256\)"):
-        fresh.decode(features, torch.randn(1, 3, 128), orig_sizes=sizes)
+    with pytest.raises(ValueError, match=rf"\(B, K, {D}\)"):
+        fresh.decode(features, torch.randn(1, 3, D // 2), orig_sizes=sizes)
     with pytest.raises(ValueError, match=r"boxes must be \(B, 4\)"):
         fresh.decode(features, boxes=torch.zeros(1, 5), orig_sizes=sizes)
+    with pytest.raises(ValueError, match="points must be"):
+        fresh.decode(features, points=(torch.zeros(1, 2, 3), torch.ones(1, 2)), orig_sizes=sizes)
     with pytest.raises(ValueError, match="batch size"):
-        fresh.decode(features, torch.randn(2, 3, 256), torch.zeros(1, 4), sizes * 2)
+        fresh.decode(features, torch.randn(2, 3, D), torch.zeros(1, 4), sizes * 2)
     with pytest.raises(ValueError, match="orig_sizes"):
-        fresh.decode(features, torch.randn(2, 3, 256), orig_sizes=sizes)
+        fresh.decode(features, torch.randn(2, 3, D), orig_sizes=sizes)
     with pytest.raises(ValueError, match="features hold 2 images for 3 prompts"):
-        fresh.decode(SamFeatures.cat([features, features]), torch.randn(3, 1, 256), None, sizes * 3)
+        fresh.decode(SamFeatures.cat([features, features]), torch.randn(3, 1, D), None, sizes * 3)
     with pytest.raises(ValueError, match="not both"):
-        fresh.decode(features, torch.randn(1, 1, 256), None, sizes, True, True)
+        fresh.decode(features, torch.randn(1, 1, D), None, sizes, True, True)
     with pytest.raises(ValueError, match="at least one image"):
         fresh.encode([])
+
+
+# ---- point prompts and all mask tokens ------------------------------------------------------
+@pytest.mark.parametrize("with_box", [False, True])
+def test_point_prompts_match_image_predictor(fresh, with_box) -> None:
+    """Clicks (and an optional box) in original pixels, as SAM2ImagePredictor takes them."""
+    image = random_image(96, 160, seed=11)
+    coords = np.array([[40.0, 30.0], [100.0, 70.0]], dtype=np.float32)
+    labels = np.array([1, 0], dtype=np.int32)
+    box = np.array([20.0, 10.0, 130.0, 90.0], dtype=np.float32) if with_box else None
+    predictor = predictor_for(fresh)
+    predictor.set_image(image)
+    masks, iou, _ = predictor.predict(
+        point_coords=coords, point_labels=labels, box=box, multimask_output=True, return_logits=True
+    )
+    points = (torch.from_numpy(coords)[None], torch.from_numpy(labels)[None])
+    boxes = torch.from_numpy(box)[None] if with_box else None
+    with torch.no_grad():
+        out = fresh.decode(
+            fresh.encode([image]),
+            boxes=boxes,
+            orig_sizes=[(96, 160)],
+            multimask=True,
+            points=points,
+        )
+    np.testing.assert_allclose(out.logits[0].numpy(), masks, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out.iou_pred[0].numpy(), iou, atol=1e-5)
+
+
+def test_predict_all_masks_holds_single_and_multimask_outputs(fresh) -> None:
+    image = random_image(64, 64, seed=8)
+    features = fresh.encode([image])
+    boxes = torch.tensor([[8.0, 8.0, 40.0, 50.0], [20.0, 4.0, 60.0, 30.0]])
+    with torch.no_grad():
+        low_res, iou = fresh.predict_all_masks(features, boxes=boxes, orig_sizes=[(64, 64)] * 2)
+        single = fresh.decode(features, boxes=boxes, orig_sizes=[(64, 64)] * 2)
+        multi = fresh.decode(features, boxes=boxes, orig_sizes=[(64, 64)] * 2, multimask=True)
+    assert low_res.shape == (2, 4, 32, 32) and iou.shape == (2, 4)
+    torch.testing.assert_close(low_res[:, :1], single.low_res_logits)
+    torch.testing.assert_close(low_res[:, 1:], multi.low_res_logits)
+    torch.testing.assert_close(iou[:, 1:], multi.iou_pred)
+
+
+def test_image_features_are_differentiable_and_match_encode(fresh) -> None:
+    image = random_image(64, 64, seed=9)
+    pixels = preprocess_images([image], fresh.cfg.image_size)
+    fresh.sam.image_encoder.requires_grad_(True)
+    try:
+        features = fresh.image_features(pixels)
+        features.image_embed.sum().backward()
+        assert fresh.sam.image_encoder.trunk.pos_embed.grad.abs().sum() > 0
+        torch.testing.assert_close(features.image_embed.detach(), fresh.encode([image]).image_embed)
+    finally:
+        fresh.sam.image_encoder.requires_grad_(False)
+        fresh.sam.image_encoder.zero_grad(set_to_none=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import os
+import matplotlib
 
-os.environ["MPLBACKEND"] = "Agg"  # before pyplot is imported anywhere
+matplotlib.use(
+    "Agg"
+)  # no windows; set here, not via MPLBACKEND, which would leak into nbval kernels
 
 import matplotlib.pyplot as plt
 import numpy as np
