@@ -139,7 +139,7 @@ def build_lens(
     if preset.mllm == "toy":
         if pretrained:
             from lenslib.pretrain_mllm import load_toy_mllm
-            from lenslib.pretrain_sam import load_toy_sam
+            from lenslib.sam import load_toy_sam
 
             mllm, processor = load_toy_mllm(device)
             sam = load_toy_sam(device)
