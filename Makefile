@@ -17,9 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	@echo "make demo: the toy LENS pipeline (alignment, GRPO, evaluation) is still being built;"
-	@echo "until it lands, the demo runs the GRPO walk-through of notebook 01 as a script."
-	$(BIN)/python scripts/grpo_walkthrough.py
+	$(BIN)/python -m lenslib.demo --out runs/demo
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check lenslib scripts tests notebooks benchmarks
