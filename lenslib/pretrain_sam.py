@@ -346,7 +346,27 @@ def pretrain(
     log: Callable[[str], None] = print,
     log_every: int = 50,
 ) -> tuple[SamSegmenter, dict]:
-    """Train a toy SAM2 from random init; returns it (LENS's freezing restored) and a summary."""
+    """Train a toy SAM2 from random init; returns it (LENS's freezing restored) and a summary.
+
+    Runs with `torch.use_deterministic_algorithms(True)`: without it, some CPU kernels
+    accumulate gradients in a thread-dependent order, and over 1500 steps two runs drift apart
+    (measured: different weights after 40 steps). With it, a rerun on the same machine gives
+    the same weights bit for bit.
+    """
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _pretrain(cfg, sam_cfg, log, log_every)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _pretrain(
+    cfg: PretrainConfig,
+    sam_cfg: SamConfig | None,
+    log: Callable[[str], None],
+    log_every: int,
+) -> tuple[SamSegmenter, dict]:
     torch.manual_seed(cfg.seed)
     seg = SamSegmenter(sam_cfg or SamConfig.toy())
     seg.train()
