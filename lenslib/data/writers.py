@@ -49,8 +49,11 @@ def save_image(image: np.ndarray, path: Path, image_format: str) -> None:
 
 
 def file_stem(sample_id: str) -> str:
-    """A file-name-safe stem from a sample id ("toy/val/0000003" -> "toy_val_0000003")."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", sample_id).strip("_")
+    """A file-name-safe stem from a sample id ("toy/val/0000003" -> "toy_val_0000003").
+
+    "+" becomes "plus", so RefCOCO and RefCOCO+ written under one root never share a file name.
+    """
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", sample_id.replace("+", "plus")).strip("_")
 
 
 def write_refer(
