@@ -161,6 +161,29 @@ class LoopConfig:
     max_steps: int | None
 
 
+HISTORY_FILE = "history.jsonl"
+
+
+def start_history(folder: str | Path, step: int, accelerator: Accelerator) -> Path:
+    """The run's log file (`folder`/history.jsonl, one JSON record per optimiser step), kept
+    only up to `step`: a fresh run (step 0) empties it, a resumed run drops the records
+    written after its checkpoint, so the file always matches the training it describes."""
+    path = Path(folder) / HISTORY_FILE
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_history(folder) if r["step"] <= step] if step else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return path
+
+
+def read_history(folder: str | Path) -> list[dict]:
+    """The records of `folder`/history.jsonl ([] if there is none)."""
+    path = Path(folder) / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def run_stage(
     model: torch.nn.Module,
     step_fn: Callable[[Sequence[SegSample]], dict[str, float]],
@@ -174,7 +197,8 @@ def run_stage(
 ) -> list[dict]:
     """Epochs of `step_fn(batch_of_this_process) -> record`, with evaluation, checkpoints and
     resume. `model` and the optimiser must already be `accelerator.prepare`d and the
-    scheduler registered for checkpointing. Returns one record per optimiser step."""
+    scheduler registered for checkpointing. Returns one record per optimiser step of this
+    call; every record is also appended to cfg.output_dir/history.jsonl (`read_history`)."""
     state = TrainState()
     last = latest_checkpoint(cfg.output_dir) if resume else None
     if last is not None:
@@ -184,6 +208,7 @@ def run_stage(
     steps = total_steps(len(train), cfg.batch_size, cfg.epochs)
     end = min(steps, cfg.max_steps or steps)
     history: list[dict] = []
+    log_file = start_history(cfg.output_dir, state.global_step, accelerator)
     progress = tqdm(total=end, initial=state.global_step, disable=not accelerator.is_main_process)
     while state.global_step < end:
         batches = epoch_batches(
@@ -206,6 +231,9 @@ def run_stage(
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save_checkpoint(accelerator, cfg.output_dir, state)
             history.append(record)
+            if accelerator.is_main_process:
+                with open(log_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             accelerator.log(record, step=step)
             if on_log:
                 on_log(record)

@@ -15,7 +15,7 @@ from lenslib.align import AlignConfig, train_alignment
 from lenslib.grpo import group_advantages
 from lenslib.presets import build_lens, get_preset, toy_split
 from lenslib.rl import GRPOConfig, train_grpo
-from lenslib.training import epoch_batches, make_accelerator
+from lenslib.training import epoch_batches, make_accelerator, read_history, start_history
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +79,22 @@ def test_grpo_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     )
     assert [r["step"] for r in resumed] == [3]  # ...and only the missing step runs
     assert all(torch.equal(a, b) for a, b in zip(expected, _params(model)))
+    logged = read_history(tmp_path / "b" / "rl")  # the log file covers the whole run, once
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    assert [r["loss"] for r in logged] == pytest.approx(
+        [r["loss"] for r in read_history(tmp_path / "a" / "rl")]
+    )
+
+
+def test_history_file_keeps_only_the_steps_up_to_the_checkpoint(tmp_path):
+    accelerator = make_accelerator(True)
+    path = start_history(tmp_path, 0, accelerator)
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)))
+    start_history(tmp_path, 3, accelerator)  # a run resumed from the step-3 checkpoint
+    assert [r["step"] for r in read_history(tmp_path)] == [1, 2, 3]
+    start_history(tmp_path, 0, accelerator)  # a fresh run
+    assert read_history(tmp_path) == []
+    assert read_history(tmp_path / "missing") == []
 
 
 def test_two_processes_hold_identical_parameters_and_share_advantages(tmp_path):
