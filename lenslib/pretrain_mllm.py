@@ -20,6 +20,13 @@ choices attack that directly:
   token's 28x28-pixel cell (or "background"). It forces the model to store WHAT is at every
   image token and WHERE its object is, early in the network, so the answer only has to look
   up the token whose colour and kind the rationale names and copy its box.
+* **An answer read-out objective** (`recall_weight`, also pretraining only): a linear
+  `RecallHead` reads the last two hidden states of every answer token from `"label": ` on
+  and predicts the box the answer just wrote. A 3B-parameter LM keeps what it has said in its
+  hidden states (that is what LENS's context queries read, eq. 2); a 4-layer toy LM trained
+  only on the next token forgets the box as soon as it is written: linear probes of its states
+  after the box explain none of the box's variance (R^2 ~ 0), and stage 1 could not learn
+  to read it. This objective gives the toy model the property the real one has.
 * **Coarse coordinates**: target boxes are rounded to multiples of `box_quantum` pixels (the
   answer format is unchanged), so each coordinate token is seen more often.
 
@@ -72,6 +79,7 @@ from lenslib.tokenizer import build_toy_tokenizer
 TOY_MLLM_DIR = Path(__file__).parent / "assets" / "toy" / "mllm"
 INFO_FILE = "pretrain.json"
 CELL = 28  # pixels per image token side: patch 14 x spatial merge 2
+LABEL_MARKER = '"label": '  # the toy tokenizer's single token after the answer's box
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,9 @@ class MllmPretrainConfig:
     dense_weight:        weight of the dense auxiliary loss (0 = plain next-token training).
     dense_layer:         which hidden state the DenseHead reads: 0 = the vision tower's merged
                          tokens as they enter the language model, k = after LM layer k.
+    recall_weight:       weight of the answer read-out loss (0 = off): the RecallHead predicts
+                         the answer's box (cell units) from the last two hidden states of the
+                         answer tokens from `"label": ` to the end.
     dense_box_bins:      0: the DenseHead regresses the box (smooth L1, cell units); n > 0:
                          it classifies each coordinate into n bins over [0, image_size].
     min_cover:           a cell belongs to a shape when the shape covers at least this
@@ -111,6 +122,7 @@ class MllmPretrainConfig:
     dense_weight: float = 1.0
     dense_layer: int = 2
     dense_box_bins: int = 0
+    recall_weight: float = 0.0
     min_cover: float = 0.15
     model: dict = field(default_factory=dict)
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
@@ -157,11 +169,13 @@ class DenseTargets:
     colour: (N,) index into world.colours + 1, 0 = background.
     kind:   (N,) index into world.kinds + 1, 0 = background.
     box:    (N, 4) box of the shape at that cell, in cell units (pixels / 28); 0 for background.
+    answer_box: (B, 4) the box each answer writes, in cell units (for the RecallHead).
     """
 
     colour: Tensor
     kind: Tensor
     box: Tensor
+    answer_box: Tensor | None = None  # (B, 4) the answer's box in cell units (RecallHead)
 
 
 def cell_targets(sample: SegSample, world: ToyWorldConfig, min_cover: float) -> DenseTargets:
@@ -207,6 +221,45 @@ class DenseHead(nn.Module):
         return self.colour(hidden), self.kind(hidden), box
 
 
+class RecallHead(nn.Module):
+    """Linear read-out of the box an answer wrote, from the last two hidden states of each
+    answer token after the box (pretraining only, not saved with the model).
+
+    marker_id: the token id of `"label": `, which follows the box in the paper's format.
+    """
+
+    def __init__(self, hidden_size: int, marker_id: int) -> None:
+        super().__init__()
+        self.marker_id = marker_id
+        self.last = nn.Linear(hidden_size, 4)  # from the final (normed) hidden state
+        self.before_last = nn.Linear(hidden_size, 4)  # from the input of the last layer
+
+    def forward(self, before_last: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, H), (N, H) -> two (N, 4) box predictions in cell units."""
+        return self.before_last(before_last), self.last(last)
+
+
+def recall_positions(input_ids: Tensor, labels: Tensor, marker_id: int) -> Tensor:
+    """(B, L) bool: the answer tokens from the first `marker_id` token (`"label": `) on."""
+    answer = labels != -100  # the prompt's instruction also shows the format: skip it
+    after_marker = ((input_ids == marker_id) & answer).cumsum(dim=1) > 0
+    return after_marker & answer
+
+
+def recall_loss(
+    head: RecallHead,
+    hidden_states: Sequence[Tensor],
+    batch: BatchFeature,
+    answer_box: Tensor,
+) -> Tensor:
+    """Smooth-L1 (cell units) between the RecallHead's boxes and the answer's box, averaged
+    over the answer tokens after the box and over both read-out layers."""
+    where = recall_positions(batch["input_ids"], batch["labels"], head.marker_id)  # (B, L)
+    target = answer_box[:, None, :].expand(-1, where.shape[1], -1)[where]  # (N, 4)
+    before_last, last = head(hidden_states[-2][where], hidden_states[-1][where])
+    return F.smooth_l1_loss(before_last, target) + F.smooth_l1_loss(last, target)
+
+
 def dense_loss(
     head: DenseHead, image_hidden: Tensor, targets: DenseTargets, image_size: int = 112
 ) -> Tensor:
@@ -241,10 +294,12 @@ def make_batch(
         [target_text(s, cfg.box_quantum, size) for s in samples],
     )
     cells = [cell_targets(s, cfg.world, cfg.min_cover) for s in samples]
+    boxes = [quantise_box(s.box, cfg.box_quantum, size) for s in samples]
     targets = DenseTargets(
         colour=torch.cat([c.colour for c in cells]),
         kind=torch.cat([c.kind for c in cells]),
         box=torch.cat([c.box for c in cells]),
+        answer_box=torch.tensor(boxes, dtype=torch.float32) / CELL,
     )
     return batch, targets
 
@@ -266,8 +321,10 @@ def training_step(
     targets: DenseTargets,
     optimizer: torch.optim.Optimizer,
     cfg: MllmPretrainConfig,
+    recall_head: RecallHead | None = None,
 ) -> dict[str, float]:
-    """One optimiser step: LM loss on the answer tokens + dense_weight * dense loss."""
+    """One optimiser step: LM loss on the answer tokens + dense_weight * dense loss
+    (+ recall_weight * answer read-out loss)."""
     model.train()
     # 1. Forward with teacher forcing: transformers shifts `labels` and averages the
     #    cross-entropy over the answer tokens (the prompt is labelled -100).
@@ -282,13 +339,19 @@ def training_step(
             head, hidden[is_image], targets, cfg.world.image_size
         )  # image tokens in raster order
         loss = loss + cfg.dense_weight * dense
-    # 3. Backward, clip, step.
+    # 3. Answer read-out loss: the states after the box must still hold the box.
+    recall = torch.zeros(())
+    if cfg.recall_weight > 0:
+        recall = recall_loss(recall_head, out.hidden_states, batch, targets.answer_box)
+        loss = loss + cfg.recall_weight * recall
+    # 4. Backward, clip, step.
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
-    return {"loss": loss.item(), "lm": out.loss.item(), "dense": dense.item()}
+    losses = {"loss": loss.item(), "lm": out.loss.item(), "dense": dense.item()}
+    return losses | ({"recall": recall.item()} if cfg.recall_weight > 0 else {})
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -391,8 +454,14 @@ def pretrain(
         len(cfg.world.kinds),
         cfg.dense_box_bins,
     )
+    marker_id = processor.tokenizer.convert_tokens_to_ids(LABEL_MARKER)
+    if marker_id == processor.tokenizer.unk_token_id:
+        raise ValueError(f"the toy tokenizer has no single token {LABEL_MARKER!r}")
+    recall_head = RecallHead(model.config.text_config.hidden_size, marker_id)
     optimizer = torch.optim.AdamW(
-        [*model.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
+        [*model.parameters(), *head.parameters(), *recall_head.parameters()],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, cfg))
     start, history = time.time(), []
@@ -400,7 +469,7 @@ def pretrain(
         first = cfg.sample_offset + step * cfg.batch_size
         samples = world.split("train", cfg.batch_size, start=first)
         batch, targets = make_batch(samples, processor, cfg)
-        losses = training_step(model, head, batch, targets, optimizer, cfg)
+        losses = training_step(model, head, batch, targets, optimizer, cfg, recall_head)
         scheduler.step()
         if step % 25 == 0 or step == cfg.steps - 1:
             minutes = (time.time() - start) / 60
@@ -483,6 +552,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dense-weight", type=float, default=defaults.dense_weight)
     parser.add_argument("--dense-layer", type=int, default=defaults.dense_layer)
     parser.add_argument("--dense-box-bins", type=int, default=defaults.dense_box_bins)
+    parser.add_argument("--recall-weight", type=float, default=defaults.recall_weight)
     parser.add_argument("--model", type=json.loads, default={}, help="e.g. '{\"num_layers\": 4}'")
     parser.add_argument("--world", type=json.loads, default={}, help="ToyWorldConfig fields")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -517,6 +587,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dense_weight=args.dense_weight,
         dense_layer=args.dense_layer,
         dense_box_bins=args.dense_box_bins,
+        recall_weight=args.recall_weight,
         model=args.model,
         world=world_config_from_dict(args.world),
         seed=args.seed,

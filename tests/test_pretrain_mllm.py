@@ -16,9 +16,11 @@ from lenslib.mllm import build_toy_mllm
 from lenslib.pretrain_mllm import (
     CELL,
     INFO_FILE,
+    LABEL_MARKER,
     DenseHead,
     DenseTargets,
     MllmPretrainConfig,
+    RecallHead,
     box_iou_given_rationale,
     cell_targets,
     dense_loss,
@@ -28,6 +30,7 @@ from lenslib.pretrain_mllm import (
     main,
     make_batch,
     quantise_box,
+    recall_positions,
     save_toy_mllm,
     target_text,
     toy_mllm_world,
@@ -148,6 +151,35 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tokenizer):
     losses = [training_step(model, head, batch, targets, optimizer, cfg) for _ in range(8)]
     assert losses[-1]["lm"] < losses[0]["lm"] - 0.5
     assert losses[-1]["dense"] < losses[0]["dense"]
+
+
+def test_recall_positions_are_the_answer_tokens_from_the_label_marker_on(tokenizer):
+    cfg = MllmPretrainConfig(model=TINY)
+    _, processor = build_toy_mllm(tokenizer, **TINY)
+    batch, targets = make_batch(WORLD.split("train", 3), processor, cfg)
+    marker = tokenizer.convert_tokens_to_ids(LABEL_MARKER)
+    where = recall_positions(batch["input_ids"], batch["labels"], marker)
+    for row in range(3):
+        tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][row][where[row]])
+        assert tokens[0] == LABEL_MARKER and "</answer>" in tokens
+        assert not any(t.isdigit() for t in tokens[:2])  # the box lies before the marker
+    sample = WORLD.split("train", 1)[0]
+    expected = quantise_box(sample.box, cfg.box_quantum, S)
+    assert targets.answer_box[0].tolist() == pytest.approx([v / CELL for v in expected])
+
+
+def test_recall_loss_trains_the_states_after_the_box_to_hold_the_box(tokenizer):
+    cfg = MllmPretrainConfig(lr=3e-3, dense_weight=0.0, recall_weight=1.0, model=TINY)
+    model, processor = build_toy_mllm(tokenizer, **TINY)
+    head = DenseHead(TINY["hidden_size"], len(cfg.world.colours), len(cfg.world.kinds))
+    recall = RecallHead(TINY["hidden_size"], tokenizer.convert_tokens_to_ids(LABEL_MARKER))
+    batch, targets = make_batch(WORLD.split("train", 4), processor, cfg)
+    optimizer = torch.optim.AdamW([*model.parameters(), *recall.parameters()], lr=cfg.lr)
+    losses = [training_step(model, head, batch, targets, optimizer, cfg, recall) for _ in range(8)]
+    assert losses[0]["recall"] > 0 and losses[-1]["recall"] < losses[0]["recall"]
+    assert "recall" not in training_step(
+        model, head, batch, targets, optimizer, MllmPretrainConfig(dense_weight=0.0, model=TINY)
+    )
 
 
 def test_save_then_load_gives_back_the_same_model(tokenizer, tmp_path):
