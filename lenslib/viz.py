@@ -7,6 +7,8 @@
                           with its mask, box, reward components (eq. 11), advantage and reasoning.
 * `plot_training_curves`: loss, validation cIoU / gIoU and rewards of both stages against step.
 * `rationale_panel`:      a chain of thought wrapped into lines for a figure.
+* `explorer`:             an ipywidgets slider that steps through figures (samples, rollouts),
+                          with `static_figures` as the fallback where widgets do not render.
 
 Every plotting function returns its Figure and never calls `plt.show()`: a notebook shows the
 figure it gets, a script saves it (`fig.savefig(...)`).
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -339,3 +341,37 @@ __all__ = [
     "rationale_panel",
     "show_prediction",
 ]
+
+
+# ------------------------------------------------------------------------------- explorer
+def explorer(count: int, draw: Callable[[int], Figure], description: str = "item"):
+    """An ipywidgets slider over `draw(0) .. draw(count - 1)`: moving it redraws the figure.
+
+    Returns the widget (display it as a cell's last value), or None where ipywidgets is not
+    installed. Widgets need a live Jupyter front end: on GitHub, under nbval or in a script
+    they show as text, so pair the explorer with `static_figures` of the same `draw`.
+    """
+    if count < 1:
+        raise ValueError(f"explorer needs at least one item, got count={count}")
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        return None
+    slider = widgets.IntSlider(value=0, min=0, max=count - 1, description=description)
+    output = widgets.Output()
+
+    def show(index: int) -> None:
+        output.clear_output(wait=True)
+        with output:
+            figure = draw(index)
+            plt.show()
+            plt.close(figure)
+
+    slider.observe(lambda change: show(change["new"]), names="value")
+    show(0)
+    return widgets.VBox([slider, output])
+
+
+def static_figures(count: int, draw: Callable[[int], Figure], limit: int = 3) -> list[Figure]:
+    """The first `limit` of the explorer's figures, drawn once: its static fallback."""
+    return [draw(index) for index in range(min(count, limit))]

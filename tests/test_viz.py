@@ -217,3 +217,23 @@ def test_draw_box_changes_only_pixels_near_the_box(box, thickness):
     if len(xs):  # every changed pixel lies within one pixel of the box
         assert xs.min() >= np.floor(x1) - 1 and xs.max() <= np.ceil(x2)
         assert ys.min() >= np.floor(y1) - 1 and ys.max() <= np.ceil(y2)
+
+
+def test_explorer_redraws_when_the_slider_moves_and_static_figures_draw_the_first_few():
+    drawn = []
+
+    def draw(index):
+        drawn.append(index)
+        fig, ax = plt.subplots()
+        ax.set_title(f"item {index}")
+        return fig
+
+    widget = viz.explorer(5, draw, description="sample")
+    slider = widget.children[0]
+    assert (slider.min, slider.max, slider.value) == (0, 4, 0) and drawn == [0]
+    slider.value = 3
+    assert drawn == [0, 3]
+    figures = viz.static_figures(5, draw, limit=2)
+    assert [f.axes[0].get_title() for f in figures] == ["item 0", "item 1"]
+    with pytest.raises(ValueError, match="at least one"):
+        viz.explorer(0, draw)
