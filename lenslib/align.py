@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from lenslib.data.sample import SegSample
+from lenslib.evaluate import evaluate_answers
 from lenslib.mllm import tokenize_completions
 from lenslib.model import LensModel
 from lenslib.training import (
@@ -105,6 +106,19 @@ def train_alignment(
         return align_step(model, samples, accelerator, optimizer, scheduler, cfg.loss_kind)
 
     return run_stage(model, step_fn, scheduler, train, val, cfg, accelerator, resume, on_log)
+
+
+def teacher_forced_metrics(
+    model: LensModel,
+    samples: Sequence[SegSample],
+    batch_size: int = 16,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """gIoU / cIoU of the masks made from the GROUND-TRUTH answers, as stage 1 trains (eq. 5):
+    the alignment itself, free of the MLLM's mistakes (`evaluate` includes them)."""
+    lens = accelerator.unwrap_model(model) if accelerator else model
+    answers = [ground_truth_answer(lens, s) for s in samples]
+    return evaluate_answers(lens, samples, answers, batch_size, accelerator)
 
 
 def save_aligned(model: LensModel, folder: str | Path, accelerator: Accelerator) -> None:

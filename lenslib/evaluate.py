@@ -92,6 +92,40 @@ def evaluate(
     return result | {"box_iou": extra[0].item() / n, "format_rate": extra[1].item() / n}
 
 
+@torch.no_grad()
+def evaluate_answers(
+    model: LensModel,
+    samples: Sequence[SegSample],
+    answers: Sequence[str],
+    batch_size: int = 16,
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """{'giou', 'ciou', 'count'} of the masks LENS makes from GIVEN answers (teacher forced).
+
+    With the ground-truth answers (`lenslib.align.teacher_forced_metrics`) this measures what
+    stage 1 trains, the alignment of MLLM and SAM, apart from how good the MLLM's own answers
+    are; `evaluate` measures the two together.
+    """
+    if len(answers) != len(samples):
+        raise ValueError(f"{len(answers)} answers for {len(samples)} samples")
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    shard = list(range(rank, len(samples), world))
+    was_training = model.training
+    model.eval()
+    masks = IoUAccumulator()
+    for start in range(0, len(shard), batch_size):
+        batch = [samples[i] for i in shard[start : start + batch_size]]
+        given = [answers[i] for i in shard[start : start + batch_size]]
+        out = model.forward_answers([s.image for s in batch], [s.text for s in batch], given)
+        for sample, logits in zip(batch, out.mask_logits):
+            masks.update((logits > 0).cpu(), torch.from_numpy(sample.mask))
+    model.train(was_training)
+    if accelerator is not None and world > 1:
+        masks.all_reduce(lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))
+    return masks.compute()
+
+
 # ---------------------------------------------------------------------------------- split specs
 
 

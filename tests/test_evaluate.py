@@ -20,6 +20,7 @@ from lenslib.evaluate import (
     EVAL_SPLITS,
     SplitSpec,
     eval_dataset,
+    evaluate_answers,
     evaluate_splits,
     markdown_table,
     parse_spec,
@@ -254,3 +255,27 @@ def test_write_reports_writes_json_and_markdown(tmp_path):
     _, bare = write_reports(RESULTS, tmp_path / "bare")
     assert json.loads((tmp_path / "bare/metrics.json").read_text())["meta"] == {}
     assert "- " not in bare.read_text()
+
+
+# ------------------------------------------------------------------------- teacher forcing
+
+
+def test_teacher_forced_metrics_segment_from_the_ground_truth_answers(monkeypatch):
+    from lenslib.align import teacher_forced_metrics
+    from lenslib.training import ground_truth_answer
+
+    torch.manual_seed(0)
+    model = build_lens(get_preset("toy", num_queries=2), pretrained=False)
+    samples = [toy_world(TOY).sample("val", i) for i in range(3)]
+    seen = []
+    real = model.forward_answers
+    monkeypatch.setattr(
+        model,
+        "forward_answers",
+        lambda im, tx, answers: seen.extend(answers) or real(im, tx, answers),
+    )
+    metrics = teacher_forced_metrics(model, samples, batch_size=2)
+    assert seen == [ground_truth_answer(model, s) for s in samples]
+    assert metrics["count"] == 3 and 0 <= metrics["ciou"] <= 1
+    with pytest.raises(ValueError, match="2 answers for 3 samples"):
+        evaluate_answers(model, samples, seen[:2])

@@ -39,12 +39,12 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_alignment_lowers_the_loss_and_trains_only_the_context_module():
+def test_alignment_lowers_the_loss_and_trains_only_the_context_module(tmp_path):
     preset, model = _toy()
     sam_before = _params(model.sam)
     train = toy_split(preset, "train", 8)
     cfg = AlignConfig(epochs=6, batch_size=8, lr=3e-3, max_new_tokens=4, eval_samples=2,
-                      output_dir="unused")  # fmt: skip
+                      output_dir=str(tmp_path))  # fmt: skip
     history = train_alignment(
         model, train, toy_split(preset, "val", 2), cfg, make_accelerator(True)
     )
