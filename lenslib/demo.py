@@ -55,8 +55,8 @@ def example_figure(model, samples, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="folder for the report")
-    parser.add_argument("--align-steps", type=int, default=128)
-    parser.add_argument("--rl-steps", type=int, default=60)
+    parser.add_argument("--align-steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--rl-steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--eval-samples", type=int, default=64)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -84,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     rl_cfg = GRPOConfig(
         epochs=preset.rl_epochs, batch_size=preset.rl_batch_size, group_size=preset.group_size,
         lr=preset.rl_lr, beta=preset.beta, alpha=preset.alpha, output_dir=str(out / "rl"),
-        max_steps=args.rl_steps, **common,
+        max_steps=args.rl_steps or preset.rl_max_steps or None, **common,
     )  # fmt: skip
     stage2 = train_grpo(model, train, val, rl_cfg, accelerator)
     rows["after stage 2 (GRPO)"] = evaluate(model, take(val, n), 16, tokens)
+    model.save_pretrained(out / "model")  # for `python -m lenslib.predict --model runs/demo/model`
     minutes = (time.perf_counter() - start) / 60
 
     fig = plot_training_curves(stage1, stage2)

@@ -19,5 +19,5 @@ def test_demo_runs_and_writes_a_report(tmp_path, capsys):
     assert "after stage 2 (GRPO)" in printed and "| ciou |" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"after stage 1 (alignment)", "after stage 2 (GRPO)", "minutes"}
-    for name in ("report.md", "curves.png", "examples.png"):
+    for name in ("report.md", "curves.png", "examples.png", "model/lens_config.json"):
         assert (out / name).stat().st_size > 0
