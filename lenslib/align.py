@@ -54,6 +54,17 @@ class AlignConfig:
     output_dir: str = "runs/align"
     max_steps: int | None = None  # stop early (tests, quick looks)
 
+    @classmethod
+    def from_preset(cls, preset, **changes) -> AlignConfig:
+        """The stage-1 settings of a `lenslib.presets.Preset` (Table A1 in "full"); `changes`
+        override single fields (evaluation and checkpoints keep this class's defaults)."""
+        values = dict(
+            epochs=preset.align_epochs, batch_size=preset.align_batch_size, lr=preset.align_lr,
+            scheduler=preset.align_scheduler, seed=preset.seed,
+            max_new_tokens=preset.max_completion_length,
+        )  # fmt: skip
+        return cls(**(values | changes))
+
 
 def align_step(
     model: torch.nn.Module,
@@ -138,11 +149,7 @@ def aligned_model(preset, folder: str | Path, accelerator: Accelerator) -> LensM
         accelerator.print(f"no aligned model in {folder}: running stage 1 first")
         model = build_lens(preset, device=accelerator.device)
         train, val = train_val_data(preset)
-        cfg = AlignConfig(
-            epochs=preset.align_epochs, batch_size=preset.align_batch_size, lr=preset.align_lr,
-            scheduler=preset.align_scheduler, seed=preset.seed, eval_samples=8,
-            max_new_tokens=preset.max_completion_length, output_dir=str(folder.parent),
-        )  # fmt: skip
+        cfg = AlignConfig.from_preset(preset, eval_samples=8, output_dir=str(folder.parent))
         train_alignment(model, train, val, cfg, accelerator)
         save_aligned(model, folder, accelerator)
     accelerator.wait_for_everyone()

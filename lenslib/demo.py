@@ -72,20 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"base models + untrained context module": evaluate(model, take(val, n), 16, tokens)}
     print(table(rows), flush=True)
 
-    common = dict(seed=preset.seed, eval_every=0, eval_samples=n, max_new_tokens=tokens)
-    align_cfg = AlignConfig(
-        epochs=preset.align_epochs, batch_size=preset.align_batch_size, lr=preset.align_lr,
-        output_dir=str(out / "align"), max_steps=args.align_steps, **common,
-    )  # fmt: skip
+    align_cfg = AlignConfig.from_preset(
+        preset, eval_samples=n, output_dir=str(out / "align"), max_steps=args.align_steps
+    )
     stage1 = train_alignment(model, train, val, align_cfg, accelerator)
     rows["after stage 1 (alignment)"] = evaluate(model, take(val, n), 16, tokens)
     print(table(rows), flush=True)
 
-    rl_cfg = GRPOConfig(
-        epochs=preset.rl_epochs, batch_size=preset.rl_batch_size, group_size=preset.group_size,
-        lr=preset.rl_lr, beta=preset.beta, alpha=preset.alpha, output_dir=str(out / "rl"),
-        max_steps=args.rl_steps or preset.rl_max_steps or None, **common,
-    )  # fmt: skip
+    steps = {"max_steps": args.rl_steps} if args.rl_steps else {}
+    rl_cfg = GRPOConfig.from_preset(preset, eval_samples=n, output_dir=str(out / "rl"), **steps)
     stage2 = train_grpo(model, train, val, rl_cfg, accelerator)
     rows["after stage 2 (GRPO)"] = evaluate(model, take(val, n), 16, tokens)
     model.save_pretrained(out / "model")  # for `python -m lenslib.predict --model runs/demo/model`

@@ -70,6 +70,20 @@ class GRPOConfig:
     output_dir: str = "runs/rl"
     max_steps: int | None = None
 
+    @classmethod
+    def from_preset(cls, preset, **changes) -> GRPOConfig:
+        """The stage-2 settings of a `lenslib.presets.Preset` (Table A2 in "full"); `changes`
+        override single fields (evaluation and checkpoints keep this class's defaults)."""
+        values = dict(
+            epochs=preset.rl_epochs, batch_size=preset.rl_batch_size,
+            group_size=preset.group_size, lr=preset.rl_lr, scheduler=preset.rl_scheduler,
+            seed=preset.seed, beta=preset.beta, alpha=preset.alpha,
+            reward_weights=preset.reward_weights, temperature=preset.temperature,
+            top_p=preset.top_p, top_k=preset.top_k, max_new_tokens=preset.max_completion_length,
+            max_steps=preset.rl_max_steps or None,
+        )  # fmt: skip
+        return cls(**(values | changes))
+
 
 def frozen_reference(model: LensModel) -> torch.nn.Module:
     """pi_ref of eq. 9: a frozen copy of the MLLM at the start of stage 2 (only the MLLM's

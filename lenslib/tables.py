@@ -71,16 +71,10 @@ def aligned(preset: Preset, cfg: TableConfig, accelerator: Accelerator, out: Pat
     torch.manual_seed(cfg.seed)
     model = build_lens(preset, device=accelerator.device)
     train = toy_split(preset, "train", preset.toy_train_size)
-    align_cfg = AlignConfig(
-        epochs=max(1, -(-cfg.align_steps * preset.align_batch_size // len(train))),
-        batch_size=preset.align_batch_size,
-        lr=preset.align_lr,
-        seed=preset.seed,
-        eval_samples=1,
-        max_new_tokens=preset.max_completion_length,
-        output_dir=str(out),
-        max_steps=cfg.align_steps,
-    )  # fmt: skip  (the loop's final evaluation is one sample: the tables score on testA)
+    epochs = max(1, -(-cfg.align_steps * preset.align_batch_size // len(train)))
+    align_cfg = AlignConfig.from_preset(
+        preset, epochs=epochs, eval_samples=1, output_dir=str(out), max_steps=cfg.align_steps
+    )  # the loop's final evaluation is one sample: the tables score on testA
     train_alignment(model, train, toy_split(preset, "val", 1), align_cfg, accelerator)
     return model
 
@@ -97,12 +91,9 @@ def reinforced(
     (lambda_format, lambda_box, lambda_seg) of eq. 11."""
     torch.manual_seed(cfg.seed)
     train = toy_split(preset, "train", preset.toy_train_size)
-    rl_cfg = GRPOConfig(
-        epochs=1, batch_size=preset.rl_batch_size, group_size=preset.group_size,
-        lr=preset.rl_lr, seed=preset.seed, beta=preset.beta, alpha=preset.alpha,
-        reward_weights=weights, temperature=preset.temperature, top_p=preset.top_p,
-        top_k=preset.top_k, max_new_tokens=preset.max_completion_length, eval_samples=1,
-        output_dir=str(out), max_steps=cfg.rl_steps,
+    rl_cfg = GRPOConfig.from_preset(
+        preset, epochs=1, reward_weights=weights, eval_samples=1, output_dir=str(out),
+        max_steps=cfg.rl_steps,
     )  # fmt: skip
     train_grpo(model, train, toy_split(preset, "val", 1), rl_cfg, accelerator)
     return model
