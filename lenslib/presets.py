@@ -51,6 +51,8 @@ class Preset:
     rl_epochs: int = 16
     rl_batch_size: int = 64  # prompts per step (x G rollouts)
     rl_lr: float = 3e-6
+    rl_mllm_lr: float = 0.0  # the MLLM's stage-2 lr (0: rl_lr for every part, as Table A2)
+    rl_sam_lr: float = 0.0  # SAM decoder's stage-2 lr (0: rl_lr)
     rl_scheduler: str = "linear"
     rl_max_steps: int = 0  # stop stage 2 after this many steps (0: all rl_epochs)
     group_size: int = 8  # G

@@ -104,6 +104,9 @@ class MllmPretrainConfig:
     recall_weight:       weight of the answer read-out loss (0 = off): the RecallHead predicts
                          the answer's box (cell units) from the last two hidden states of the
                          answer tokens from `"label": ` to the end.
+    locate_weight:       weight of the name look-up loss (0 = off): a second RecallHead
+                         predicts the target's box from the last two hidden states of every
+                         answer token from the rationale's first naming of the target's kind on.
     dense_box_bins:      0: the DenseHead regresses the box (smooth L1, cell units); n > 0:
                          it classifies each coordinate into n bins over [0, image_size].
     min_cover:           a cell belongs to a shape when the shape covers at least this
@@ -130,6 +133,7 @@ class MllmPretrainConfig:
     dense_layer: int = 2
     dense_box_bins: int = 0
     recall_weight: float = 0.0
+    locate_weight: float = 0.0
     min_cover: float = 0.15
     model: dict = field(default_factory=dict)
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
@@ -183,6 +187,7 @@ class DenseTargets:
     kind: Tensor
     box: Tensor
     answer_box: Tensor | None = None  # (B, 4) the answer's box in cell units (RecallHead)
+    name_ids: Tensor | None = None  # (B,) token id of each target's kind word (locate loss)
 
 
 def cell_targets(sample: SegSample, world: ToyWorldConfig, min_cover: float) -> DenseTargets:
@@ -253,15 +258,26 @@ def recall_positions(input_ids: Tensor, labels: Tensor, marker_id: int) -> Tenso
     return after_marker & answer
 
 
+def locate_positions(input_ids: Tensor, labels: Tensor, name_ids: Tensor) -> Tensor:
+    """(B, L) bool: the answer tokens from the first one equal to that row's `name_ids`
+    (the target's kind word in the rationale: "The blue TRIANGLE is at ...") on."""
+    answer = labels != -100
+    after_name = ((input_ids == name_ids[:, None]) & answer).cumsum(dim=1) > 0
+    return after_name & answer
+
+
 def recall_loss(
     head: RecallHead,
     hidden_states: Sequence[Tensor],
     batch: BatchFeature,
     answer_box: Tensor,
+    where: Tensor | None = None,
 ) -> Tensor:
     """Smooth-L1 (cell units) between the RecallHead's boxes and the answer's box, averaged
-    over the answer tokens after the box and over both read-out layers."""
-    where = recall_positions(batch["input_ids"], batch["labels"], head.marker_id)  # (B, L)
+    over the answer tokens after the box (or the given (B, L) positions `where`) and over
+    both read-out layers."""
+    if where is None:
+        where = recall_positions(batch["input_ids"], batch["labels"], head.marker_id)  # (B, L)
     target = answer_box[:, None, :].expand(-1, where.shape[1], -1)[where]  # (N, 4)
     before_last, last = head(hidden_states[-2][where], hidden_states[-1][where])
     return F.smooth_l1_loss(before_last, target) + F.smooth_l1_loss(last, target)
@@ -307,8 +323,17 @@ def make_batch(
         kind=torch.cat([c.kind for c in cells]),
         box=torch.cat([c.box for c in cells]),
         answer_box=torch.tensor(boxes, dtype=torch.float32) / CELL,
+        name_ids=torch.tensor(
+            [processor.tokenizer.convert_tokens_to_ids(target_kind(s)) for s in samples]
+        ),
     )
     return batch, targets
+
+
+def target_kind(sample: SegSample) -> str:
+    """The toy tokenizer's token for the kind word (" circle", ...) of the sample's target:
+    the rationale names it after a space ("The blue circle is ...")."""
+    return " " + sample.meta["shapes"][sample.meta["target_index"]].kind
 
 
 def learning_rate_factor(step: int, cfg: MllmPretrainConfig) -> float:
@@ -329,6 +354,7 @@ def training_step(
     optimizer: torch.optim.Optimizer,
     cfg: MllmPretrainConfig,
     recall_head: RecallHead | None = None,
+    locate_head: RecallHead | None = None,
 ) -> dict[str, float]:
     """One optimiser step: LM loss on the answer tokens + dense_weight * dense loss
     (+ recall_weight * answer read-out loss)."""
@@ -351,14 +377,24 @@ def training_step(
     if cfg.recall_weight > 0:
         recall = recall_loss(recall_head, out.hidden_states, batch, targets.answer_box)
         loss = loss + cfg.recall_weight * recall
-    # 4. Backward, clip, step.
+    # 4. Name look-up loss: from the word naming the target on, the states must hold its box.
+    locate = torch.zeros(())
+    if cfg.locate_weight > 0:
+        where = locate_positions(batch["input_ids"], batch["labels"], targets.name_ids)
+        locate = recall_loss(locate_head, out.hidden_states, batch, targets.answer_box, where)
+        loss = loss + cfg.locate_weight * locate
+    # 5. Backward, clip, step.
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
     losses = {"loss": loss.item(), "lm": out.loss.item(), "dense": dense.item()}
-    return losses | ({"recall": recall.item()} if cfg.recall_weight > 0 else {})
+    if cfg.recall_weight > 0:
+        losses["recall"] = recall.item()
+    if cfg.locate_weight > 0:
+        losses["locate"] = locate.item()
+    return losses
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -465,8 +501,14 @@ def pretrain(
     if marker_id == processor.tokenizer.unk_token_id:
         raise ValueError(f"the toy tokenizer has no single token {LABEL_MARKER!r}")
     recall_head = RecallHead(model.config.text_config.hidden_size, marker_id)
+    locate_head = RecallHead(model.config.text_config.hidden_size, marker_id)
     optimizer = torch.optim.AdamW(
-        [*model.parameters(), *head.parameters(), *recall_head.parameters()],
+        [
+            *model.parameters(),
+            *head.parameters(),
+            *recall_head.parameters(),
+            *locate_head.parameters(),
+        ],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
@@ -476,7 +518,9 @@ def pretrain(
         first = cfg.sample_offset + step * cfg.batch_size
         samples = world.split("train", cfg.batch_size, start=first)
         batch, targets = make_batch(samples, processor, cfg)
-        losses = training_step(model, head, batch, targets, optimizer, cfg, recall_head)
+        losses = training_step(
+            model, head, batch, targets, optimizer, cfg, recall_head, locate_head
+        )
         scheduler.step()
         if step % 25 == 0 or step == cfg.steps - 1:
             minutes = (time.time() - start) / 60
@@ -560,6 +604,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dense-layer", type=int, default=defaults.dense_layer)
     parser.add_argument("--dense-box-bins", type=int, default=defaults.dense_box_bins)
     parser.add_argument("--recall-weight", type=float, default=defaults.recall_weight)
+    parser.add_argument("--locate-weight", type=float, default=defaults.locate_weight)
     parser.add_argument("--model", type=json.loads, default={}, help="e.g. '{\"num_layers\": 4}'")
     parser.add_argument("--world", type=json.loads, default={}, help="ToyWorldConfig fields")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -595,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dense_layer=args.dense_layer,
         dense_box_bins=args.dense_box_bins,
         recall_weight=args.recall_weight,
+        locate_weight=args.locate_weight,
         model=args.model,
         world=world_config_from_dict(args.world),
         seed=args.seed,

@@ -47,6 +47,8 @@ class GRPOConfig:
     batch_size: int = 64  # prompts per step, global over all processes (x G rollouts)
     group_size: int = 8  # G
     lr: float = 3e-6
+    mllm_lr: float | None = None  # the MLLM's own lr (None: `lr`, one lr for all, as the paper)
+    sam_lr: float | None = None  # SAM's prompt encoder + mask decoder lr (None: `lr`)
     scheduler: str = "linear"
     seed: int = 42
     beta: float = 0.04  # KL weight (eq. 10); 0 skips the reference model
@@ -76,7 +78,9 @@ class GRPOConfig:
         override single fields (evaluation and checkpoints keep this class's defaults)."""
         values = dict(
             epochs=preset.rl_epochs, batch_size=preset.rl_batch_size,
-            group_size=preset.group_size, lr=preset.rl_lr, scheduler=preset.rl_scheduler,
+            group_size=preset.group_size, lr=preset.rl_lr, mllm_lr=preset.rl_mllm_lr or None,
+            sam_lr=preset.rl_sam_lr or None,
+            scheduler=preset.rl_scheduler,
             seed=preset.seed, beta=preset.beta, alpha=preset.alpha,
             reward_weights=preset.reward_weights, temperature=preset.temperature,
             top_p=preset.top_p, top_k=preset.top_k, max_new_tokens=preset.max_completion_length,
@@ -217,6 +221,23 @@ def grpo_step(
     return record
 
 
+def parameter_groups(model: LensModel, cfg: GRPOConfig) -> list[dict]:
+    """AdamW groups: the MLLM's trainable weights at `cfg.mllm_lr`, SAM's trainable weights
+    (prompt encoder, mask decoder) at `cfg.sam_lr`, the context queries and the connector at
+    `cfg.lr`; a part whose lr is None uses `cfg.lr` (the paper's single lr)."""
+    groups: dict[str, list[torch.nn.Parameter]] = {"mllm": [], "sam": [], "context": []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            part = name.split(".")[0]
+            groups[part if part in ("mllm", "sam") else "context"].append(param)
+    lrs = {"mllm": cfg.mllm_lr, "sam": cfg.sam_lr, "context": None}
+    return [
+        {"params": params, "lr": cfg.lr if lrs[part] is None else lrs[part], "name": part}
+        for part, params in groups.items()
+        if params
+    ]
+
+
 def train_grpo(
     model: LensModel,
     train: Sequence[SegSample],
@@ -230,8 +251,7 @@ def train_grpo(
     ref = frozen_reference(model) if cfg.beta != 0.0 else None
     counts = model.set_stage("rl", train_vision_tower=cfg.train_vision_tower)
     accelerator.print(f"stage 2 trains {counts}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr)
     steps = total_steps(len(train), cfg.batch_size, cfg.epochs)
     scheduler = make_scheduler(cfg.scheduler, optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -27,11 +27,13 @@ from lenslib.pretrain_mllm import (
     evaluate_mllm,
     learning_rate_factor,
     load_toy_mllm,
+    locate_positions,
     main,
     make_batch,
     quantise_box,
     recall_positions,
     save_toy_mllm,
+    target_kind,
     target_text,
     toy_mllm_world,
     training_step,
@@ -168,6 +170,19 @@ def test_recall_positions_are_the_answer_tokens_from_the_label_marker_on(tokeniz
     assert targets.answer_box[0].tolist() == pytest.approx([v / CELL for v in expected])
 
 
+def test_locate_positions_start_where_the_answer_names_the_target(tokenizer):
+    _, processor = build_toy_mllm(tokenizer, **TINY)
+    samples = WORLD.split("train", 3)
+    batch, targets = make_batch(samples, processor, MllmPretrainConfig(model=TINY))
+    where = locate_positions(batch["input_ids"], batch["labels"], targets.name_ids)
+    for row, sample in enumerate(samples):
+        tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][row][where[row]])
+        kind = sample.meta["shapes"][sample.meta["target_index"]].kind
+        assert tokens[0] == target_kind(sample) == " " + kind and tokens[1] == " is"
+        assert tokens[-1] == "<|im_end|>"  # up to the end of the answer
+    assert (targets.name_ids != tokenizer.unk_token_id).all()
+
+
 def test_recall_loss_trains_the_states_after_the_box_to_hold_the_box(tokenizer):
     cfg = MllmPretrainConfig(lr=3e-3, dense_weight=0.0, recall_weight=1.0, model=TINY)
     model, processor = build_toy_mllm(tokenizer, **TINY)
@@ -180,6 +195,20 @@ def test_recall_loss_trains_the_states_after_the_box_to_hold_the_box(tokenizer):
     assert "recall" not in training_step(
         model, head, batch, targets, optimizer, MllmPretrainConfig(dense_weight=0.0, model=TINY)
     )
+
+
+def test_locate_loss_trains_the_states_from_the_name_on_to_hold_the_box(tokenizer):
+    cfg = MllmPretrainConfig(lr=3e-3, dense_weight=0.0, locate_weight=1.0, model=TINY)
+    model, processor = build_toy_mllm(tokenizer, **TINY)
+    head = DenseHead(TINY["hidden_size"], len(cfg.world.colours), len(cfg.world.kinds))
+    locate = RecallHead(TINY["hidden_size"], tokenizer.convert_tokens_to_ids(LABEL_MARKER))
+    batch, targets = make_batch(WORLD.split("train", 4), processor, cfg)
+    optimizer = torch.optim.AdamW([*model.parameters(), *locate.parameters()], lr=cfg.lr)
+    losses = [
+        training_step(model, head, batch, targets, optimizer, cfg, None, locate) for _ in range(8)
+    ]
+    assert "recall" not in losses[0]
+    assert losses[0]["locate"] > 0 and losses[-1]["locate"] < losses[0]["locate"]
 
 
 def test_save_then_load_gives_back_the_same_model(tokenizer, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from lenslib.align import AlignConfig, train_alignment
 from lenslib.grpo import group_advantages
 from lenslib.presets import build_lens, get_preset, toy_split
-from lenslib.rl import GRPOConfig, train_grpo
+from lenslib.rl import GRPOConfig, parameter_groups, train_grpo
 from lenslib.training import epoch_batches, make_accelerator, read_history, start_history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,3 +126,24 @@ def test_stage_configs_from_a_preset_take_its_values_and_the_given_changes():
     assert (rl.epochs, rl.batch_size, rl.group_size, rl.lr, rl.beta) == (16, 64, 8, 3e-6, 0.04)
     assert rl.reward_weights == (0.0, 1.0, 0.0) and rl.max_steps is None
     assert GRPOConfig.from_preset(preset).max_steps == preset.rl_max_steps == 120
+    assert (rl.mllm_lr, rl.sam_lr) == (None, None)  # full: one lr for all parts, as Table A2
+
+
+def test_parameter_groups_give_each_part_its_own_lr_or_the_single_lr():
+    _, model = _toy()
+    model.set_stage("rl")
+    single = parameter_groups(model, GRPOConfig(lr=1e-4))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in single for p in g["params"]) == trainable
+    assert {g["name"]: g["lr"] for g in single} == {"mllm": 1e-4, "sam": 1e-4, "context": 1e-4}
+    split = parameter_groups(model, GRPOConfig(lr=1e-4, mllm_lr=1e-5, sam_lr=2e-5))
+    assert {g["name"]: g["lr"] for g in split} == {"mllm": 1e-5, "sam": 2e-5, "context": 1e-4}
+    sizes = {g["name"]: sum(p.numel() for p in g["params"]) for g in split}
+    counts = model.trainable_counts()
+    assert sizes == {
+        "mllm": counts["mllm"],
+        "sam": counts["sam"],
+        "context": counts["queries"] + counts["connector"],
+    }
+    model.set_stage("align")  # only the context module trains: one group
+    assert [g["name"] for g in parameter_groups(model, GRPOConfig(mllm_lr=1e-5))] == ["context"]
