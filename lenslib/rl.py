@@ -78,9 +78,8 @@ class GRPOConfig:
         override single fields (evaluation and checkpoints keep this class's defaults)."""
         values = dict(
             epochs=preset.rl_epochs, batch_size=preset.rl_batch_size,
-            group_size=preset.group_size, lr=preset.rl_lr, mllm_lr=preset.rl_mllm_lr or None,
-            sam_lr=preset.rl_sam_lr or None,
-            scheduler=preset.rl_scheduler,
+            group_size=preset.group_size, lr=preset.rl_lr, scheduler=preset.rl_scheduler,
+            mllm_lr=preset.rl_mllm_lr or None, sam_lr=preset.rl_sam_lr or None,
             seed=preset.seed, beta=preset.beta, alpha=preset.alpha,
             reward_weights=preset.reward_weights, temperature=preset.temperature,
             top_p=preset.top_p, top_k=preset.top_k, max_new_tokens=preset.max_completion_length,

@@ -183,30 +183,32 @@ def test_locate_positions_start_where_the_answer_names_the_target(tokenizer):
     assert (targets.name_ids != tokenizer.unk_token_id).all()
 
 
-def test_recall_loss_trains_the_states_after_the_box_to_hold_the_box(tokenizer):
-    cfg = MllmPretrainConfig(lr=3e-3, dense_weight=0.0, recall_weight=1.0, model=TINY)
+def _steps_on_a_fixed_batch(tokenizer, cfg, use_recall: bool, use_locate: bool):
+    """8 training steps of a fresh TINY model on one batch, with a read-out head for the
+    recall and/or the locate loss; returns (losses, everything needed for another step)."""
     model, processor = build_toy_mllm(tokenizer, **TINY)
     head = DenseHead(TINY["hidden_size"], len(cfg.world.colours), len(cfg.world.kinds))
-    recall = RecallHead(TINY["hidden_size"], tokenizer.convert_tokens_to_ids(LABEL_MARKER))
+    marker = tokenizer.convert_tokens_to_ids(LABEL_MARKER)
+    recall = RecallHead(TINY["hidden_size"], marker) if use_recall else None
+    locate = RecallHead(TINY["hidden_size"], marker) if use_locate else None
+    extra = [p for h in (recall, locate) if h is not None for p in h.parameters()]
     batch, targets = make_batch(WORLD.split("train", 4), processor, cfg)
-    optimizer = torch.optim.AdamW([*model.parameters(), *recall.parameters()], lr=cfg.lr)
-    losses = [training_step(model, head, batch, targets, optimizer, cfg, recall) for _ in range(8)]
+    optimizer = torch.optim.AdamW([*model.parameters(), *extra], lr=cfg.lr)
+    step = (model, head, batch, targets, optimizer)
+    losses = [training_step(*step, cfg, recall, locate) for _ in range(8)]
+    return losses, step
+
+
+def test_recall_loss_trains_the_states_after_the_box_to_hold_the_box(tokenizer):
+    cfg = MllmPretrainConfig(lr=3e-3, dense_weight=0.0, recall_weight=1.0, model=TINY)
+    losses, step = _steps_on_a_fixed_batch(tokenizer, cfg, use_recall=True, use_locate=False)
     assert losses[0]["recall"] > 0 and losses[-1]["recall"] < losses[0]["recall"]
-    assert "recall" not in training_step(
-        model, head, batch, targets, optimizer, MllmPretrainConfig(dense_weight=0.0, model=TINY)
-    )
+    assert "recall" not in training_step(*step, MllmPretrainConfig(dense_weight=0.0, model=TINY))
 
 
 def test_locate_loss_trains_the_states_from_the_name_on_to_hold_the_box(tokenizer):
     cfg = MllmPretrainConfig(lr=3e-3, dense_weight=0.0, locate_weight=1.0, model=TINY)
-    model, processor = build_toy_mllm(tokenizer, **TINY)
-    head = DenseHead(TINY["hidden_size"], len(cfg.world.colours), len(cfg.world.kinds))
-    locate = RecallHead(TINY["hidden_size"], tokenizer.convert_tokens_to_ids(LABEL_MARKER))
-    batch, targets = make_batch(WORLD.split("train", 4), processor, cfg)
-    optimizer = torch.optim.AdamW([*model.parameters(), *locate.parameters()], lr=cfg.lr)
-    losses = [
-        training_step(model, head, batch, targets, optimizer, cfg, None, locate) for _ in range(8)
-    ]
+    losses, _ = _steps_on_a_fixed_batch(tokenizer, cfg, use_recall=False, use_locate=True)
     assert "recall" not in losses[0]
     assert losses[0]["locate"] > 0 and losses[-1]["locate"] < losses[0]["locate"]
 
