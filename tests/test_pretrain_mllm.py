@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from lenslib.data.toy import ToyWorld, ToyWorldConfig, grid_word, toy_corpus
 from lenslib.mllm import build_toy_mllm
+from lenslib.presets import get_preset
 from lenslib.pretrain_mllm import (
     CELL,
     INFO_FILE,
@@ -143,7 +144,15 @@ def test_config_rejects_a_quantum_that_does_not_divide_the_image():
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tokenizer):
-    cfg = MllmPretrainConfig(steps=10, lr=3e-3, warmup_steps=1, dense_layer=1, model=TINY)
+    cfg = MllmPretrainConfig(
+        steps=10,
+        lr=3e-3,
+        warmup_steps=1,
+        dense_layer=1,
+        recall_weight=0.0,
+        locate_weight=0.0,
+        model=TINY,
+    )
     model, processor = build_toy_mllm(tokenizer, **TINY)
     head = DenseHead(TINY["hidden_size"], len(cfg.world.colours), len(cfg.world.kinds))
     batch, targets = make_batch(WORLD.split("train", 4), processor, cfg)
@@ -200,14 +209,21 @@ def _steps_on_a_fixed_batch(tokenizer, cfg, use_recall: bool, use_locate: bool):
 
 
 def test_recall_loss_trains_the_states_after_the_box_to_hold_the_box(tokenizer):
-    cfg = MllmPretrainConfig(lr=3e-3, dense_weight=0.0, recall_weight=1.0, model=TINY)
+    cfg = MllmPretrainConfig(
+        lr=3e-3, dense_weight=0.0, recall_weight=1.0, locate_weight=0.0, model=TINY
+    )
     losses, step = _steps_on_a_fixed_batch(tokenizer, cfg, use_recall=True, use_locate=False)
     assert losses[0]["recall"] > 0 and losses[-1]["recall"] < losses[0]["recall"]
-    assert "recall" not in training_step(*step, MllmPretrainConfig(dense_weight=0.0, model=TINY))
+    assert "recall" not in training_step(
+        *step,
+        MllmPretrainConfig(dense_weight=0.0, recall_weight=0.0, locate_weight=0.0, model=TINY),
+    )
 
 
 def test_locate_loss_trains_the_states_from_the_name_on_to_hold_the_box(tokenizer):
-    cfg = MllmPretrainConfig(lr=3e-3, dense_weight=0.0, locate_weight=1.0, model=TINY)
+    cfg = MllmPretrainConfig(
+        lr=3e-3, dense_weight=0.0, recall_weight=0.0, locate_weight=1.0, model=TINY
+    )
     losses, _ = _steps_on_a_fixed_batch(tokenizer, cfg, use_recall=False, use_locate=True)
     assert "recall" not in losses[0]
     assert losses[0]["locate"] > 0 and losses[-1]["locate"] < losses[0]["locate"]
@@ -261,10 +277,13 @@ def test_committed_toy_mllm_answers_in_the_paper_format():
     model, processor = load_toy_mllm("cpu")
     world = toy_mllm_world()
     metrics = evaluate_mllm(model, processor, world, "val", n=16, batch_size=16)
-    assert metrics["format_rate"] >= 0.9
-    assert 0.0 <= metrics["mean_box_iou"] <= 1.0
-    # Given the true rationale, the model puts the box near the named object.
-    assert box_iou_given_rationale(model, processor, world, "val", n=16) >= 0.2
+    assert metrics["format_rate"] >= 0.95
+    # Issue #5's bar: mean box IoU >= 0.3 (0.59 on 200 val samples, 0.63 on these 16).
+    assert metrics["mean_box_iou"] >= 0.3
+    # Given the true rationale, the model puts the box near the named object (0.71 here).
+    assert box_iou_given_rationale(model, processor, world, "val", n=16) >= 0.4
+    # The asset was pretrained on exactly the world the toy preset trains LENS on.
+    assert world.config == get_preset("toy").toy_world
     # The rationale names the grid cell of the box it then gives (the position comes first).
     sample = world.sample("val", 0)
     assert grid_word(sample.box, S) in sample.rationale

@@ -41,7 +41,8 @@ position the answer box needs. ``rationale_style`` picks how much it says (see
 
 Why the defaults look as they do: a tiny MLLM trained from scratch learns the answer format in
 a minute but learns *where* things are slowly (facts file, section 9). Large shapes, few of
-them, saturated colours and a plain background keep localisation learnable; every one of
+them, saturated colours and a dark background with a faint colour ramp (red grows to the right,
+blue downwards, so every pixel "knows" where it is) keep localisation learnable; every one of
 these is a field of `ToyWorldConfig`, so the pretraining recipes can tune them.
 """
 
@@ -100,9 +101,10 @@ class ToyWorldConfig:
     min_center_gap:      shape centres differ by at least this fraction of image_size in x
                          AND in y, so spatial words are never near ties.
     difficulty_weights:  how often train/val samples are of each difficulty.
-    background:          RGB of the plain background.
+    background:          RGB of the background (before the ramp).
     background_gradient: add a smooth left-right / top-bottom colour ramp to the background
-                         (an absolute-position cue in the pixels).
+                         (an absolute-position cue in the pixels: it let the toy MLLM's box
+                         IoU rise from 0.15 to ~0.3, see lenslib.pretrain_mllm).
     rationale_style:     "target" (only the target and where it is), "anchor" (also the
                          shape the expression compares with) or "scene" (every shape).
     max_tries:           scene resamplings before giving up on a crowded configuration.
@@ -122,7 +124,7 @@ class ToyWorldConfig:
         default_factory=lambda: {"referring": 0.4, "relational": 0.3, "reasoning": 0.3}
     )
     background: tuple[int, int, int] = (0, 0, 0)
-    background_gradient: bool = False
+    background_gradient: bool = True
     rationale_style: str = "target"
     max_tries: int = 500
 
