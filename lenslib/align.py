@@ -32,8 +32,8 @@ from lenslib.training import (
     make_scheduler,
     mean_seg_loss,
     run_stage,
+    run_steps,
     target_masks,
-    total_steps,
 )
 
 
@@ -108,7 +108,7 @@ def train_alignment(
     accelerator.print(f"stage 1 trains {counts}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    steps = total_steps(len(train), cfg.batch_size, cfg.epochs)
+    steps = run_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
     scheduler = make_scheduler(cfg.scheduler, optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per global step

@@ -36,7 +36,7 @@ from lenslib.data.sample import SegSample
 from lenslib.mllm import append_completions, build_inputs, repeat_batch
 from lenslib.model import LensModel
 from lenslib.rewards import RewardWeights, box_reward, format_reward, seg_reward, unified_reward
-from lenslib.training import make_scheduler, mean_seg_loss, run_stage, target_masks, total_steps
+from lenslib.training import make_scheduler, mean_seg_loss, run_stage, run_steps, target_masks
 
 
 @dataclass
@@ -251,7 +251,7 @@ def train_grpo(
     counts = model.set_stage("rl", train_vision_tower=cfg.train_vision_tower)
     accelerator.print(f"stage 2 trains {counts}")
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr)
-    steps = total_steps(len(train), cfg.batch_size, cfg.epochs)
+    steps = run_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
     scheduler = make_scheduler(cfg.scheduler, optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)

@@ -146,6 +146,14 @@ def total_steps(num_samples: int, batch_size: int, epochs: int) -> int:
     return max(1, math.floor(num_samples / batch_size)) * epochs
 
 
+def run_steps(num_samples: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    """Optimiser steps a run will really take: all epochs, or `max_steps` if that is fewer.
+    The learning-rate schedule spans exactly these steps (as `transformers.Trainer` does with
+    `max_steps`), so a shortened run still ends with its lr decayed, not cut off mid-schedule."""
+    steps = total_steps(num_samples, batch_size, epochs)
+    return min(steps, max_steps) if max_steps else steps
+
+
 @dataclass
 class LoopConfig:
     """The loop settings both stages share (each stage's config has these fields)."""
@@ -205,8 +213,7 @@ def run_stage(
         state = load_checkpoint(accelerator, last)
         accelerator.print(f"resumed from {last} (step {state.global_step})")
     lens = accelerator.unwrap_model(model)
-    steps = total_steps(len(train), cfg.batch_size, cfg.epochs)
-    end = min(steps, cfg.max_steps or steps)
+    end = run_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
     history: list[dict] = []
     log_file = start_history(cfg.output_dir, state.global_step, accelerator)
     progress = tqdm(total=end, initial=state.global_step, disable=not accelerator.is_main_process)

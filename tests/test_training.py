@@ -15,7 +15,13 @@ from lenslib.align import AlignConfig, train_alignment
 from lenslib.grpo import group_advantages
 from lenslib.presets import build_lens, get_preset, toy_split
 from lenslib.rl import GRPOConfig, parameter_groups, train_grpo
-from lenslib.training import epoch_batches, make_accelerator, read_history, start_history
+from lenslib.training import (
+    epoch_batches,
+    make_accelerator,
+    read_history,
+    run_steps,
+    start_history,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,9 +75,15 @@ def test_grpo_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     train_grpo(model, train, val, uninterrupted, make_accelerator(True))
     expected = _params(model)
 
+    def kill_after_step_two(record: dict) -> None:  # the run dies right after step 2
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
     torch.manual_seed(0)
     model = build_lens(preset, pretrained=False)
-    train_grpo(model, train, val, _rl_cfg(tmp_path / "b", max_steps=2), make_accelerator(True))
+    with pytest.raises(KeyboardInterrupt):
+        train_grpo(model, train, val, _rl_cfg(tmp_path / "b", max_steps=3),
+                   make_accelerator(True), on_log=kill_after_step_two)  # fmt: skip
     torch.manual_seed(123)  # the restart starts from a different RNG state...
     model = build_lens(preset, pretrained=False)
     resumed = train_grpo(
@@ -81,9 +93,16 @@ def test_grpo_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(expected, _params(model)))
     logged = read_history(tmp_path / "b" / "rl")  # the log file covers the whole run, once
     assert [r["step"] for r in logged] == [1, 2, 3]
+    assert logged[-1]["lr"] == 0.0  # the linear schedule ends at max_steps = 3, not at epoch end
     assert [r["loss"] for r in logged] == pytest.approx(
         [r["loss"] for r in read_history(tmp_path / "a" / "rl")]
     )
+
+
+def test_the_lr_schedule_spans_the_steps_a_run_really_takes():
+    assert run_steps(100, 10, epochs=2, max_steps=None) == 20
+    assert run_steps(100, 10, epochs=2, max_steps=5) == 5  # shortened: the schedule shrinks
+    assert run_steps(100, 10, epochs=2, max_steps=50) == 20  # max_steps never adds epochs
 
 
 def test_history_file_keeps_only_the_steps_up_to_the_checkpoint(tmp_path):
