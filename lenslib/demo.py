@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="folder for the report")
     parser.add_argument("--align-steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--rl-steps", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--eval-samples", type=int, default=256)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

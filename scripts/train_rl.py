@@ -17,6 +17,8 @@ parser.add_argument('--epochs', type=int, default=None, help="None: the preset's
 parser.add_argument('--batch-size', type=int, default=None, help="prompts per step, global; None: the preset's (Table A2: 64)")
 parser.add_argument('--group-size', type=int, default=None, help="G rollouts per prompt; None: the preset's (Table A2: 8)")
 parser.add_argument('--lr', type=float, default=None, help="None: the preset's (Table A2: 3e-6)")
+parser.add_argument('--mllm-lr', type=float, default=None, help="the MLLM's own lr; None: the preset's (full: lr, as Table A2; toy: 1e-5)")
+parser.add_argument('--sam-lr', type=float, default=None, help="SAM decoder's own lr; None: the preset's (full: lr; toy: 1e-5)")
 parser.add_argument('--beta', type=float, default=None, help="KL weight; None: the preset's (0.04)")
 parser.add_argument('--alpha', type=float, default=None, help="seg-loss weight of eq. 12; None: the preset's (1.0)")
 parser.add_argument('--square-iou', action=argparse.BooleanOptionalAction, default=False, help="square R_box and R_seg as the authors' code does")
@@ -38,6 +40,8 @@ epochs = args.epochs
 batch_size = args.batch_size
 group_size = args.group_size
 lr = args.lr
+mllm_lr = args.mllm_lr
+sam_lr = args.sam_lr
 beta = args.beta
 alpha = args.alpha
 square_iou = args.square_iou
@@ -64,21 +68,18 @@ torch.manual_seed(0)
 accelerator = make_accelerator(cpu=cpu)
 config = get_preset(
     preset, data_root=data_root, rl_epochs=epochs, rl_batch_size=batch_size, group_size=group_size,
-    rl_lr=lr, beta=beta, alpha=alpha, eval_every=eval_every, eval_samples=eval_samples,
-    checkpoint_every=checkpoint_every, rl_max_steps=max_steps,
+    rl_lr=lr, rl_mllm_lr=mllm_lr, rl_sam_lr=sam_lr, beta=beta, alpha=alpha, eval_every=eval_every,
+    eval_samples=eval_samples, checkpoint_every=checkpoint_every, rl_max_steps=max_steps,
 )
 model = aligned_model(config, init, accelerator)
 train, val = train_val_data(config)
-rl_cfg = GRPOConfig(
-    epochs=config.rl_epochs, batch_size=config.rl_batch_size, group_size=config.group_size,
-    lr=config.rl_lr, scheduler=config.rl_scheduler, seed=config.seed, beta=config.beta,
-    alpha=config.alpha, reward_weights=config.reward_weights, square_iou=square_iou,
-    std=std, aggregation=aggregation, temperature=config.temperature, top_p=config.top_p,
-    top_k=config.top_k, max_new_tokens=config.max_completion_length,
+rl_cfg = GRPOConfig.from_preset(
+    config, square_iou=square_iou, std=std, aggregation=aggregation,
     train_vision_tower=train_vision_tower, eval_every=config.eval_every,
     eval_samples=config.eval_samples, checkpoint_every=config.checkpoint_every,
-    output_dir=output_dir, max_steps=config.rl_max_steps or None,
+    output_dir=output_dir,
 )
+print({k: getattr(rl_cfg, k) for k in ("lr", "mllm_lr", "sam_lr", "batch_size", "group_size", "max_steps")})
 
 # --- notebook cell 10 ---
 # NBVAL_IGNORE_OUTPUT

@@ -146,6 +146,8 @@ def test_stage_configs_from_a_preset_take_its_values_and_the_given_changes():
     assert rl.reward_weights == (0.0, 1.0, 0.0) and rl.max_steps is None
     assert GRPOConfig.from_preset(preset).max_steps == preset.rl_max_steps == 120
     assert (rl.mllm_lr, rl.sam_lr) == (None, None)  # full: one lr for all parts, as Table A2
+    toy = GRPOConfig.from_preset(preset)
+    assert (toy.lr, toy.mllm_lr, toy.sam_lr) == (preset.rl_lr, preset.rl_mllm_lr, preset.rl_sam_lr)
 
 
 def test_parameter_groups_give_each_part_its_own_lr_or_the_single_lr():
