@@ -107,7 +107,7 @@ PRESETS: dict[str, Preset] = {
         rl_max_steps=120,  # one toy epoch is 512 steps; 120 fit a notebook's 10 minutes
         max_completion_length=48,
         max_prompt_length=512,
-        eval_every=32,
+        eval_every=64,  # stage 1: 10 evaluations in 640 steps; stage 2: at 64 and 120
         eval_samples=128,
         checkpoint_every=64,
     ),
