@@ -35,16 +35,16 @@ choices attack that directly:
   reads every answer token from the rationale's naming of the target ("The blue TRIANGLE is
   at ...") on and predicts the target's box, so the states that choose the position word are
   taught to hold where the named shape is. Linear probes of an earlier model trained without
-  it show why it is needed: the state just before the position word predicts
-  that word at chance (0.20-0.25, majority 0.25). Measured: alone, 400 steps on top of the
-  earlier black-background model gave box IoU 0.143 (0.131 without it); together with the
-  colour ramp the probe rises to 0.33 and the box IoU with it (below).
+  it show why it is needed: the state just before the position word predicts that word at
+  chance (0.20-0.25, majority 0.25). Measured: alone, 400 steps on top of the earlier
+  black-background model gave box IoU 0.143 (0.131 without it); together with the colour ramp
+  the probe rises to 0.33 and the box IoU with it (below).
 * **Coarse coordinates**: target boxes are rounded to multiples of `box_quantum` pixels (the
   answer format is unchanged), so each coordinate token is seen more often.
 
-The committed asset is ONE run of the defaults (3000 steps x 32 samples, 48 min on one
-CPU thread), i.e. `python -m lenslib.pretrain_mllm` (`--out DIR` to write elsewhere). Its
-free-running val box IoU (200 greedy answers, format 100%) rose with training:
+Read `training_step` top to bottom for one step. The committed asset is ONE run of the
+defaults (3000 steps x 32 samples, 48 min on one CPU thread), i.e. `python -m
+lenslib.pretrain_mllm` (`--out DIR` to write elsewhere). Its free-running val box IoU (200 greedy answers, format 100%) rose with training:
 
     step     250   500   750  1000  1250  1500  1750  2000  2250  2500  2750  3000
     box IoU .089  .117  .197  .253  .307  .341  .440  .493  .451  .551  .574  .587
