@@ -44,7 +44,8 @@ choices attack that directly:
 
 Read `training_step` top to bottom for one step. The committed asset is ONE run of the
 defaults (3000 steps x 32 samples, 48 min on one CPU thread), i.e. `python -m
-lenslib.pretrain_mllm` (`--out DIR` to write elsewhere). Its free-running val box IoU (200 greedy answers, format 100%) rose with training:
+lenslib.pretrain_mllm` (`--out DIR` to write elsewhere). Its free-running val box IoU (200
+greedy answers, format 100%) rose with training:
 
     step     250   500   750  1000  1250  1500  1750  2000  2250  2500  2750  3000
     box IoU .089  .117  .197  .253  .307  .341  .440  .493  .451  .551  .574  .587
