@@ -101,6 +101,8 @@ PRESETS: dict[str, Preset] = {
         # Stage-2 lrs, measured on 256 val samples from a stage-1 model at cIoU 0.539: one lr
         # of 1e-4 for all parts moved the MLLM's hidden states under the context queries and
         # cost 0.06-0.09 cIoU; MLLM 1e-5, SAM decoder 1e-5, context module 3e-5 kept 0.532.
+        # Notebook 04 has the full table (16 prompts a step do better, at 4x the time per step);
+        # benchmarks/stage2_recipes.py reruns any recipe.
         rl_lr=3e-5,
         rl_mllm_lr=1e-5,
         rl_sam_lr=1e-5,
