@@ -17,6 +17,7 @@ never interrupted (tests/test_training.py checks this).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -117,9 +118,20 @@ class TrainState:
 
 
 def save_checkpoint(accelerator: Accelerator, folder: str | Path, state: TrainState) -> Path:
-    """accelerate's state (model, optimizer, scheduler, RNGs) + our data position."""
+    """accelerate's state (model, optimizer, scheduler, RNGs) + our data position.
+
+    A model with tied embeddings (the toy MLLM's lm_head is its input embedding) stores the
+    shared tensor once, and accelerate warns "Removed shared tensor" on every save; the
+    reload re-ties it (tests/test_training.py resumes bit for bit), so that warning is muted.
+    """
     path = Path(folder) / f"step_{state.global_step:06d}"
-    accelerator.save_state(str(path))
+    saver_log = logging.getLogger("accelerate.utils.other")
+    level = saver_log.level
+    saver_log.setLevel(logging.ERROR)
+    try:
+        accelerator.save_state(str(path))
+    finally:
+        saver_log.setLevel(level)
     if accelerator.is_main_process:
         (path / "train_state.json").write_text(json.dumps(asdict(state)))
     accelerator.wait_for_everyone()
