@@ -81,7 +81,7 @@ rl_cfg = GRPOConfig.from_preset(
 )
 print({k: getattr(rl_cfg, k) for k in ("lr", "mllm_lr", "sam_lr", "batch_size", "group_size", "max_steps")})
 
-# --- notebook cell 10 ---
+# --- notebook cell 13 ---
 # NBVAL_IGNORE_OUTPUT
 before = evaluate(model, take(val, config.eval_samples), max_new_tokens=config.max_completion_length, accelerator=accelerator)
 accelerator.print("after stage 1:", {k: round(v, 3) for k, v in before.items()})
