@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/stage2_recipes.py [--init runs/toy/align/final] \
         [--batch-size 16] [--mllm-lr 1e-4] [--lr 1e-6] [--sam-lr 1e-6] [--alpha 0.1] \
-        [--seed 42] [--steps 64] [--eval-every 32] [--eval-samples 256] [--threads 1]
+        [--seed 42] [--steps 64] [--scale-rewards group|none] [--eval-every 32] \
+        [--eval-samples 256] [--threads 1]
 
 Starts from a stage-1 model (made with the toy preset first if `--init` holds none), runs
 `lenslib.rl.train_grpo` with the toy preset changed by the flags, and prints validation
@@ -36,6 +37,7 @@ def main() -> None:
         parser.add_argument(flag, type=float)
     for flag in ("--batch-size", "--group-size", "--seed", "--steps"):
         parser.add_argument(flag, type=int)
+    parser.add_argument("--scale-rewards", choices=["group", "batch", "none"], default="group")
     parser.add_argument("--eval-every", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
@@ -56,9 +58,10 @@ def main() -> None:
     seed = preset.seed if args.seed is None else args.seed
     cfg = GRPOConfig.from_preset(
         preset, seed=seed, eval_every=args.eval_every, eval_samples=args.eval_samples,
-        output_dir=args.output_dir,
+        output_dir=args.output_dir, scale_rewards=args.scale_rewards,
     )  # fmt: skip
-    print({k: getattr(cfg, k) for k in ("batch_size", "lr", "mllm_lr", "sam_lr", "alpha", "seed")})
+    shown = ("batch_size", "lr", "mllm_lr", "sam_lr", "alpha", "seed", "scale_rewards")
+    print({k: getattr(cfg, k) for k in shown})
     rows, start = [], time.perf_counter()
 
     def on_log(record: dict) -> None:
