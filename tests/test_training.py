@@ -139,7 +139,7 @@ def test_two_processes_hold_identical_parameters_and_share_advantages(tmp_path):
 def test_stage_configs_from_a_preset_take_its_values_and_the_given_changes():
     preset = get_preset("toy")
     align = AlignConfig.from_preset(preset, eval_samples=3)
-    assert (align.epochs, align.batch_size, align.lr) == (5, 16, 3e-4)
+    assert (align.epochs, align.batch_size, align.lr) == (3, 16, 3e-4)
     assert (align.max_new_tokens, align.eval_samples, align.eval_every) == (48, 3, 0)
     rl = GRPOConfig.from_preset(get_preset("full"), reward_weights=(0.0, 1.0, 0.0))
     assert (rl.epochs, rl.batch_size, rl.group_size, rl.lr, rl.beta) == (16, 64, 8, 3e-6, 0.04)
