@@ -18,16 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
 from lenslib.data.sample import SegSample
 from lenslib.evaluate import evaluate_answers
+from lenslib.losses import LossKind
 from lenslib.mllm import tokenize_completions
 from lenslib.model import LensModel
+from lenslib.settings import setting
 from lenslib.training import (
+    LoopConfig,
+    SchedulerKind,
     ground_truth_answer,
     make_scheduler,
     mean_seg_loss,
@@ -37,33 +40,21 @@ from lenslib.training import (
 )
 
 
-@dataclass
-class AlignConfig:
-    """Stage-1 hyperparameters (Table A1 values in the "full" preset)."""
+@dataclass(kw_only=True)
+class AlignConfig(LoopConfig):
+    """Stage-1 settings; the defaults are the paper's (Table A1)."""
 
-    epochs: int = 25
-    batch_size: int = 128  # global, over all processes
-    lr: float = 3e-5
-    scheduler: str = "cosine"
-    seed: int = 42
-    loss_kind: str = "bce"  # the authors' "focal" is BCE; "focal" = real sigmoid focal loss
-    eval_every: int = 0  # optimiser steps between evaluations (0: only at the end)
-    eval_samples: int = 64
-    max_new_tokens: int = 768  # greedy answer length at evaluation (max completion, Table A1)
-    checkpoint_every: int = 0  # optimiser steps between checkpoints (0: none)
-    output_dir: str = "runs/align"
-    max_steps: int | None = None  # stop early (tests, quick looks)
-
-    @classmethod
-    def from_preset(cls, preset, **changes) -> AlignConfig:
-        """The stage-1 settings of a `lenslib.presets.Preset` (Table A1 in "full"); `changes`
-        override single fields (evaluation and checkpoints keep this class's defaults)."""
-        values = dict(
-            epochs=preset.align_epochs, batch_size=preset.align_batch_size, lr=preset.align_lr,
-            scheduler=preset.align_scheduler, seed=preset.seed,
-            max_new_tokens=preset.max_completion_length,
-        )  # fmt: skip
-        return cls(**(values | changes))
+    epochs: int = setting(25, "passes over the training set (Table A1: 25)")
+    batch_size: int = setting(128, "samples per optimiser step, over all processes (Table A1: 128)")
+    lr: float = setting(3e-5, "AdamW learning rate (Table A1: 3e-5)")
+    scheduler: SchedulerKind = setting("cosine", "learning-rate schedule (Table A1: cosine)")
+    output_dir: str = setting(
+        "runs/align", "checkpoints, history and the aligned model (output_dir/final)"
+    )
+    loss_kind: LossKind = setting(
+        "bce",
+        'pixel loss beside dice: "bce" (what the authors\' "focal" computes) or a real sigmoid "focal"',
+    )
 
 
 def align_step(
@@ -130,27 +121,3 @@ def teacher_forced_metrics(
     lens = accelerator.unwrap_model(model) if accelerator else model
     answers = [ground_truth_answer(lens, s) for s in samples]
     return evaluate_answers(lens, samples, answers, batch_size, accelerator)
-
-
-def save_aligned(model: LensModel, folder: str | Path, accelerator: Accelerator) -> None:
-    """Save the stage-1 result as a LensModel folder (main process only)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder)
-
-
-def aligned_model(preset, folder: str | Path, accelerator: Accelerator) -> LensModel:
-    """The stage-1 result saved in `folder`; if there is none yet, run stage 1 with the preset's
-    settings first and save it there (so notebook 04 also works on its own)."""
-    from lenslib.presets import build_lens, train_val_data
-
-    folder = Path(folder)
-    if not (folder / "lens_config.json").exists():
-        accelerator.print(f"no aligned model in {folder}: running stage 1 first")
-        model = build_lens(preset, device=accelerator.device)
-        train, val = train_val_data(preset)
-        cfg = AlignConfig.from_preset(preset, eval_samples=8, output_dir=str(folder.parent))
-        train_alignment(model, train, val, cfg, accelerator)
-        save_aligned(model, folder, accelerator)
-    accelerator.wait_for_everyone()
-    return LensModel.from_pretrained(folder, device=accelerator.device)

@@ -1,7 +1,7 @@
 """The authors' released LENS checkpoints (OuyBin/LENS, OuyBin/LENS_ReasonSeg, ...) as a LensModel.
 
 A released checkpoint is ONE transformers folder: the Qwen2.5-VL weights plus the LENS parts,
-saved side by side in the same safetensors shards (facts file, section 7):
+saved side by side in the same safetensors shards:
 
     learnable_query        (1, M, C)      the M = 64 context queries (eq. 2)
     connector.pos_embed    (1, M, C)      the "ViT" connector (eq. 3): position embedding
@@ -299,7 +299,7 @@ def load_authors_checkpoint(
               ones do: their SAM decoder was trained in stage 2); else sam_cfg.checkpoint's stay.
     dtype:    the MLLM's dtype; queries, connector and SAM stay float32, as in `LensModel`.
     mrope:    "authors" by default because these weights were trained with the authors' 1-D
-              positions for the pass with the queries (facts file, 3 (a)); "correct" is the paper.
+              positions for the pass with the queries (as their code does); "correct" is the paper.
     stability_fallback: SAM2's dynamic multimask at eval, as the authors' SAM build does.
 
     Caveat: `LensConfig` does not record the connector's heads, activation and epsilon, so

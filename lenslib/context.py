@@ -20,6 +20,7 @@ from transformers import BatchFeature, PreTrainedModel
 MropeMode = Literal["correct", "authors"]
 ConnectorKind = Literal["vit", "mlp"]
 ConnectorOutput = Literal["tokens", "pooled"]
+Activation = Literal["gelu", "quick_gelu"]
 SAM_PROMPT_DIM = 256  # width of SAM / SAM2's prompt embeddings
 REQUIRED_KEYS = (
     "input_ids",
@@ -46,7 +47,7 @@ def context_position_ids(
         gets the positions it would get alone.
     "authors": the authors' pass fed only `inputs_embeds`, and transformers then fell back to
         1-D positions (cumulative count of real tokens, the same on all 3 axes): the image
-        tokens lose their 2-D layout (facts file, section 3 (a)). Kept to reproduce them.
+        tokens lose their 2-D layout (the authors' code does this). Kept to reproduce them.
     """
     if mrope == "correct":
         position_ids, _ = mllm.model.get_rope_index(
@@ -70,7 +71,7 @@ class ContextReadout:
     queries: (B, M, C) Q' of eq. 2: the queries' last-layer states after the final norm.
     logits:  (B, T, V) next-token logits of the last T tokens before the queries, i.e.
              logits[:, t] predicts input_ids[:, L - T + t] (None when T = 0). GRPO takes the
-             completion tokens' log-probs from them: one forward for both (facts file, sec. 3).
+             completion tokens' log-probs from them: one forward for both.
     """
 
     queries: torch.Tensor

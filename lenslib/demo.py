@@ -23,10 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from lenslib.align import AlignConfig, train_alignment  # noqa: E402
 from lenslib.evaluate import evaluate  # noqa: E402
+from lenslib.pipeline import run_pipeline  # noqa: E402
 from lenslib.presets import build_lens, get_preset, toy_split  # noqa: E402
-from lenslib.rl import GRPOConfig, train_grpo  # noqa: E402
 from lenslib.training import make_accelerator, take  # noqa: E402
 from lenslib.viz import plot_training_curves, show_prediction  # noqa: E402
 
@@ -64,25 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     torch.manual_seed(0)
     accelerator = make_accelerator(cpu=True)
-    preset = get_preset("toy")
-    train = toy_split(preset, "train", preset.toy_train_size)
-    val = toy_split(preset, "val", args.eval_samples)
-    model = build_lens(preset)
-    n, tokens = args.eval_samples, preset.max_completion_length
-    rows = {"base models + untrained context module": evaluate(model, take(val, n), 16, tokens)}
-    print(table(rows), flush=True)
-
-    align_cfg = AlignConfig.from_preset(
-        preset, eval_samples=n, output_dir=str(out / "align"), max_steps=args.align_steps
+    n = args.eval_samples
+    # each stage is scored once, at its end, on the same n validation samples
+    quiet = dict(eval_every=0, eval_samples=n, checkpoint_every=0)
+    preset = get_preset("toy", toy_val_size=n)
+    preset = preset.override(
+        "align", max_steps=args.align_steps, output_dir=str(out / "align"), **quiet
     )
-    stage1 = train_alignment(model, train, val, align_cfg, accelerator)
-    rows["after stage 1 (alignment)"] = evaluate(model, take(val, n), 16, tokens)
+    preset = preset.override("rl", max_steps=args.rl_steps, output_dir=str(out / "rl"), **quiet)
+    model = build_lens(preset)
+    val = toy_split(preset, "val", n)
+    untrained = evaluate(model, take(val, n), 16, preset.max_completion_length)
+    rows = {"base models + untrained context module": untrained}
     print(table(rows), flush=True)
+    titles = {"align": "after stage 1 (alignment)", "rl": "after stage 2 (GRPO)"}
 
-    steps = {"max_steps": args.rl_steps} if args.rl_steps else {}
-    rl_cfg = GRPOConfig.from_preset(preset, eval_samples=n, output_dir=str(out / "rl"), **steps)
-    stage2 = train_grpo(model, train, val, rl_cfg, accelerator)
-    rows["after stage 2 (GRPO)"] = evaluate(model, take(val, n), 16, tokens)
+    def report_stage(stage: str, model, log: list[dict]) -> None:
+        rows[titles[stage]] = {k[4:]: v for k, v in log[-1].items() if k.startswith("val_")}
+        print(table(rows), flush=True)
+
+    model, logs = run_pipeline(preset, accelerator, model=model, on_stage_end=report_stage)
+    stage1, stage2 = logs["align"], logs["rl"]
     model.save_pretrained(out / "model")  # for `python -m lenslib.predict --model runs/demo/model`
     minutes = (time.perf_counter() - start) / 60
 

@@ -10,6 +10,12 @@ and two cell tags:
   `lr: float | None = None  # help` for a flag whose default None means "the preset's value".
 - `export`: cells copied, in order, into the script's body.
 
+One parameter is special: `settings = {}  # help`. In the notebook it is a dict of settings
+changed from the preset's (`{"lr": 1e-4}`); in the script every setting of the stage named by
+the notebook metadata `"settings": "align" | "rl" | "none"` becomes a flag (`--lr 1e-4`), derived
+from the settings' dataclasses by `lenslib.presets.add_setting_flags`, and `settings` holds the
+flags that were given. So a hyperparameter is declared once, in its dataclass.
+
 Usage:
     python -m lenslib.export            # (re)write every script from its notebook
     python -m lenslib.export --check    # exit 1 if a committed script is out of date
@@ -28,6 +34,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 _CHOICES_RE = re.compile(r"\(choices:\s*([^)]*)\)")
+SETTINGS = "settings"  # the parameter that stands for every setting of a stage
 
 
 class ExportError(ValueError):
@@ -58,6 +65,11 @@ def _parameter_lines(source: str, where: str) -> list[tuple[str, str]]:
             value = ast.literal_eval(node.value)
         except ValueError as err:
             raise ExportError(f"{where}, line {lineno}: {name} must be a literal") from err
+        if name == SETTINGS:
+            if value != {}:
+                raise ExportError(f"{where}, line {lineno}: `{SETTINGS}` must be an empty dict")
+            lines.append((name, ""))
+            continue
         try:
             lines.append((name, _add_argument(name, value, comment.strip(), annotation)))
         except ExportError as err:
@@ -120,10 +132,27 @@ def export_source(notebook_path: Path) -> tuple[str, str]:
         if params
         else []
     )
-    out += [line for _, line in parameters]
-    out.append("args = parser.parse_args()")
+    out += [line for _, line in parameters if line]
     names = [name for name, _ in parameters]
-    out += [f"{name} = args.{name}" for name in names]
+    if SETTINGS in names:
+        stage = meta.get("settings", "none")
+        if stage not in ("align", "rl", "none"):
+            raise ExportError(
+                f"{notebook_path.name}: metadata lenslib.settings must be align, rl or none"
+            )
+        out[out.index("import argparse") + 1 : out.index("import argparse") + 1] = [
+            "",
+            "from lenslib.presets import add_setting_flags",
+            "from lenslib.settings import changed",
+        ]
+        out.append(
+            f"setting_names = add_setting_flags(parser, {None if stage == 'none' else stage!r})"
+        )
+    out.append("args = parser.parse_args()")
+    out += [
+        f"{name} = changed(args, setting_names)" if name == SETTINGS else f"{name} = args.{name}"
+        for name in names
+    ]
     for index, cell in enumerate(nb.cells):
         if cell.cell_type == "code" and "export" in cell.metadata.get("tags", []):
             if cell.source.lstrip().startswith(("%", "!")):

@@ -5,10 +5,12 @@ unified reward (eq. 11, `lenslib.rewards`), and then:
 
 1. `group_advantages`     eqs. 6-7: A_i = (R_i - mean_G) / (std_G + delta)
 2. `token_logprobs`       log pi(o_t | o_<t) of the sampled tokens, from logits / temperature
-3. `completion_mask`      which completion tokens count: up to and including the first EOS
-4. `clipped_surrogate`    eq. 8, per token: min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
-5. `k3_kl`                eq. 9, per token: exp(ref - logp) - (ref - logp) - 1
-6. `grpo_loss`            eq. 10: combine 4 and 5 and aggregate over tokens and sequences
+3. `clipped_surrogate`    eq. 8, per token: min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
+4. `k3_kl`                eq. 9, per token: exp(ref - logp) - (ref - logp) - 1
+5. `grpo_loss`            eq. 10: combine 3 and 4 and aggregate over tokens and sequences
+
+Which completion tokens count (up to and including the first EOS) is the mask that
+`lenslib.mllm.completion_mask` makes when the rollouts are generated.
 
 Everything here is plain tensor math with no model in sight, checked against TRL's
 GRPOTrainer (tests/test_grpo_trl_parity.py). Where the paper and common implementations
@@ -87,27 +89,12 @@ def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) 
     logits: (B, T, V) already aligned so that logits[:, t] predicts token_ids[:, t].
     token_ids: (B, T). Returns (B, T).
     The logits are divided by the sampling temperature first, so the log-probs are those of the
-    distribution the rollouts were actually drawn from (the authors' code skips this: defect (c)).
+    distribution the rollouts were actually drawn from (the authors' code skips this).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
     return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-
-
-def completion_mask(completion_ids: Tensor, eos_token_id: int) -> Tensor:
-    """1 for completion tokens up to and including the first EOS, 0 after it.
-
-    completion_ids: (B, T). Returns (B, T) int mask. A completion with no EOS counts all T tokens
-    (it was cut at the maximum length).
-    """
-    batch, length = completion_ids.shape
-    is_eos = completion_ids == eos_token_id  # (B, T)
-    first_eos = torch.full((batch,), length, dtype=torch.long, device=completion_ids.device)
-    has_eos = is_eos.any(dim=1)
-    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]
-    positions = torch.arange(length, device=completion_ids.device).expand(batch, -1)
-    return (positions <= first_eos.unsqueeze(1)).int()
 
 
 def clipped_surrogate(
@@ -200,7 +187,7 @@ def grpo_loss(
     old_logp: (B, T) under the policy that sampled them; None means "on-policy, one update per
               batch" (old = logp detached, so the ratio is exactly 1 and its gradient is A).
     ref_logp: (B, T) under the frozen reference (needed when beta > 0).
-    advantages: (B,) from `group_advantages`. mask: (B, T) from `completion_mask`.
+    advantages: (B,) from `group_advantages`. mask: (B, T) from `lenslib.mllm.completion_mask`.
     bias_correction_kl: multiply the k3 term by the ratio (TRL's `use_bias_correction_kl`).
     """
     if old_logp is None:

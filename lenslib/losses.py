@@ -20,6 +20,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from lenslib.data.sample import IGNORE_LABEL
 
+LossKind = Literal["bce", "focal"]  # the pixel loss beside dice
+
 
 def _valid_and_target(target: Tensor) -> tuple[Tensor, Tensor]:
     """(valid pixel mask as float, target as float in {0, 1}); both (B, H, W)."""
@@ -57,7 +59,7 @@ def focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float
 def seg_loss(
     logits: Tensor,
     target: Tensor,
-    kind: Literal["bce", "focal"] = "bce",
+    kind: LossKind = "bce",
     dice_weight: float = 1.0,
     pixel_weight: float = 1.0,
     alpha: float = 0.25,

@@ -1,4 +1,4 @@
-"""gIoU and cIoU exactly as the LISA evaluation protocol, which LENS reports (facts file, s. 7).
+"""gIoU and cIoU exactly as the LISA evaluation protocol, which LENS reports.
 
 For each sample (one mask per sentence) take the foreground intersection I_i and union U_i,
 ignoring pixels labelled 255 in the target. Then

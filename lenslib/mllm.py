@@ -1,12 +1,11 @@
-"""The reasoning model pi_mllm (paper eq. 1): Qwen2.5-VL, at full scale or as a tiny toy.
+"""The reasoning model pi_mllm (paper eq. 1): Qwen2.5-VL, loaded and driven with transformers.
 
-Both scales use transformers' own classes, so everything downstream (generation, the context
-queries' forward, GRPO) runs the same code:
-
-- full: `load_mllm("Qwen/Qwen2.5-VL-3B-Instruct" or a local path)` (LENS-2B: Qwen2-VL-2B);
-- toy:  `build_toy_mllm(tokenizer)`: a ~1 M-parameter Qwen2.5-VL built from a config, with the
-  word-level tokenizer of `lenslib.tokenizer` and a processor that keeps 112x112 images at
-  112x112 (grid 8x8 patches of 14 px -> 2x2 merge -> 16 `<|image_pad|>` tokens).
+`load_mllm("Qwen/Qwen2.5-VL-3B-Instruct" or a local path)` loads the real model (LENS-2B:
+Qwen2-VL-2B). The toy model is a tiny Qwen2.5-VL of the same classes (and a saved one loads with
+`load_mllm` too), so everything downstream (generation, the context queries' forward, GRPO) runs
+the same code.
+The module also holds what every Qwen2.5-VL tokenizer shares: its special tokens (EOS =
+`<|im_end|>`, pad = `<|endoftext|>`) and its chat template.
 
 Batches follow one layout everywhere: the prompt is LEFT-padded (so generation appends to the
 right of every row) and a completion, when there is one, follows it RIGHT-padded:
@@ -30,19 +29,51 @@ from transformers import (
     AutoProcessor,
     BatchFeature,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
     ProcessorMixin,
-    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessor,
-    Qwen2VLVideoProcessor,
 )
 
-from lenslib.grpo import completion_mask
 from lenslib.prompts import chat_messages
-from lenslib.tokenizer import EOS_TOKEN, QWEN_CHAT_TEMPLATE
+
+# Qwen2.5-VL's special tokens, in Qwen's own id order (151643 ... 151656).
+PAD_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|im_end|>"
+QWEN_SPECIAL_TOKENS = [
+    PAD_TOKEN,
+    "<|im_start|>",
+    EOS_TOKEN,
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL / Qwen2.5-VL's chat template, as shipped with the released checkpoints.
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 # config.model_type -> the transformers class that loads it (LENS-3B and LENS-2B).
 MLLM_CLASSES = {
@@ -98,119 +129,6 @@ def set_pixel_budget(
     if size["shortest_edge"] > size["longest_edge"]:
         raise ValueError(f"min_pixels {size['shortest_edge']} > max_pixels {size['longest_edge']}")
     processor.image_processor.size = size
-
-
-# ----------------------------------------------------------------------------- toy scale
-def default_mrope_section(head_dim: int) -> list[int]:
-    """Split head_dim/2 rotary frequencies into (time, height, width) as Qwen does (16:24:24)."""
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
-def toy_qwen_config(
-    tokenizer: PreTrainedTokenizerBase,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    vision_depth: int = 2,
-    vision_hidden_size: int = 64,
-    vision_heads: int = 2,
-    rope_theta: float = 10.0,
-    mrope_section: Sequence[int] | None = None,
-    tie_word_embeddings: bool = True,
-) -> Qwen2_5_VLConfig:
-    """A small Qwen2.5-VL config whose token ids match `tokenizer` (facts file, sections 5, 9).
-
-    Defaults: text 128 wide x 4 layers (4 layers localised better than 2 at the same budget),
-    vision 64 wide x 2 blocks, head_dim 32 -> mrope_section [4, 6, 6]. `rope_theta` 10 (Qwen:
-    1e6) gives the height/width sections visible rotation over a 4-8 cell grid. Embeddings are
-    tied, as in Qwen2.5-VL-3B.
-    """
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(f"hidden {hidden_size} / heads {num_heads} / kv {num_kv_heads} mismatch")
-    head_dim = hidden_size // num_heads
-    section = list(mrope_section) if mrope_section else default_mrope_section(head_dim)
-    if sum(section) != head_dim // 2:
-        raise ValueError(f"mrope_section {section} must sum to head_dim/2 = {head_dim // 2}")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")}
-    ids |= {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")}
-    if tokenizer.unk_token_id in ids.values():
-        raise ValueError("tokenizer lacks Qwen's vision special tokens")
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 4 * hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": rope_theta,
-            "mrope_section": section,
-        },
-        "bos_token_id": tokenizer.pad_token_id,  # Qwen: <|endoftext|>
-        "eos_token_id": tokenizer.eos_token_id,  # <|im_end|>
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    vision_config = {
-        "depth": vision_depth,
-        "hidden_size": vision_hidden_size,
-        "intermediate_size": 4 * vision_hidden_size,
-        "num_heads": vision_heads,
-        "out_hidden_size": hidden_size,  # the patch merger writes straight into the LM's width
-        "fullatt_block_indexes": [vision_depth - 1],  # must be < depth
-        "window_size": 112,
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie_word_embeddings,
-    )
-
-
-def toy_processor(
-    tokenizer: PreTrainedTokenizerBase, image_size: int = 112, min_pixels: int = 28 * 28
-) -> Qwen2_5_VLProcessor:
-    """A real Qwen2_5_VLProcessor for the toy: images up to image_size^2 pixels keep their size.
-
-    112x112 -> smart_resize keeps 112x112 -> 8x8 patches -> 16 `<|image_pad|>` tokens.
-    """
-    if image_size % 28:
-        raise ValueError(
-            f"image_size must be a multiple of 28 (patch 14 x merge 2), got {image_size}"
-        )
-    pixels = {"min_pixels": min_pixels, "max_pixels": image_size * image_size}
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixels),
-        video_processor=Qwen2VLVideoProcessor(**pixels),  # required by the class, unused
-        tokenizer=tokenizer,
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-
-
-def build_toy_mllm(
-    tokenizer: PreTrainedTokenizerBase, image_size: int = 112, seed: int = 0, **config_kwargs
-) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
-    """A randomly initialised tiny Qwen2.5-VL and its processor (`config_kwargs` -> toy_qwen_config).
-
-    The same `seed` gives the same weights; the global RNG is left untouched.
-    """
-    config = toy_qwen_config(tokenizer, **config_kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.pad_token_id
-    return model.eval(), toy_processor(tokenizer, image_size=image_size)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -301,6 +219,39 @@ def repeat_batch(batch: BatchFeature, times: int) -> BatchFeature:
         else:
             data[key] = value
     return BatchFeature(data)
+
+
+def completion_batch(
+    processor: ProcessorMixin,
+    images: Sequence[ImageLike],
+    queries: Sequence[str],
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    group_size: int = 1,
+) -> BatchFeature:
+    """The model inputs for P prompts, each followed by its G = group_size completions:
+    prompt batch -> each prompt repeated G times -> completions appended (rows a1..aG, b1..bG).
+    completion_ids / completion_mask: (P*G, T). No labels: the caller scores the tokens."""
+    prompt = build_inputs(processor, images, queries)
+    if group_size > 1:
+        prompt = repeat_batch(prompt, group_size)
+    batch = append_completions(prompt, completion_ids.cpu(), completion_mask.cpu())
+    return BatchFeature({k: v for k, v in batch.items() if k != "labels"})
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for completion tokens up to and including the first EOS, 0 after it.
+
+    completion_ids: (B, T). Returns (B, T) int mask. A completion with no EOS counts all T
+    tokens (it was cut at the maximum length). These are the tokens |o_i| of eq. 10 counts.
+    """
+    batch, length = completion_ids.shape
+    is_eos = completion_ids == eos_token_id  # (B, T)
+    first_eos = torch.full((batch,), length, dtype=torch.long, device=completion_ids.device)
+    has_eos = is_eos.any(dim=1)
+    first_eos[has_eos] = is_eos.int().argmax(dim=1)[has_eos]
+    positions = torch.arange(length, device=completion_ids.device).expand(batch, -1)
+    return (positions <= first_eos.unsqueeze(1)).int()
 
 
 # ----------------------------------------------------------------------------- generation

@@ -26,13 +26,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from lenslib import mllm as mllm_lib
-from lenslib.context import Connector, ContextQueries
-from lenslib.rewards import Box, parse_answer
+from lenslib.answers import Box, parse_answer
+from lenslib.context import (
+    Activation,
+    Connector,
+    ConnectorKind,
+    ConnectorOutput,
+    ContextQueries,
+    MropeMode,
+)
 from lenslib.sam import SamConfig, SamFeatures, SamSegmenter
+from lenslib.settings import setting
 
 Stage = Literal["align", "rl", "eval"]
 PATCH_SIZE = 14  # Qwen2-VL / 2.5-VL vision patch side in pixels
@@ -41,29 +49,36 @@ PATCH_SIZE = 14  # Qwen2-VL / 2.5-VL vision patch side in pixels
 @dataclass
 class LensConfig:
     """Everything that shapes the LENS glue (the MLLM and SAM bring their own configs).
+    The defaults are the paper's; the authors' code differs where a field says so."""
 
-    num_queries:        M of eq. 2 (64 in the paper; Table 3 ablates 1-128).
-    connector_kind:     "vit" (paper) or "mlp" (Table 4).
-    connector_output:   "tokens" (all M reach SAM, the paper's text) or "pooled" (authors' code).
-    connector_depth:    transformer blocks of the "vit" connector (4).
-    mrope:              "correct" (3-D mRoPE kept) or "authors" (1-D positions, their defect (a)).
-    box_prompt:         also prompt SAM with the MLLM's own box (authors: False).
-    stability_fallback: at eval, SAM2's dynamic multimask when the mask is unstable (authors).
-    sam:                the SamConfig fields, filled in from the SAM the model is built with,
-                        so one json rebuilds the whole bundle.
-    """
-
-    num_queries: int = 64
-    connector_kind: str = "vit"
-    connector_output: str = "tokens"
-    connector_depth: int = 4
-    connector_heads: int | None = None  # None: hidden // 64 (authors' code: 16)
-    connector_activation: str = "gelu"  # authors' code: "quick_gelu"
-    connector_norm_eps: float = 1e-5  # authors' code: 1e-6
-    mrope: str = "correct"
-    box_prompt: bool = False
-    stability_fallback: bool = False
-    sam: dict = field(default_factory=dict)
+    num_queries: int = setting(64, "M, context queries (eq. 2; Table 3 ablates 1-128)")
+    connector_kind: ConnectorKind = setting(
+        "vit", 'connector: "vit" transformer (paper) or "mlp" (Table 4)'
+    )
+    connector_output: ConnectorOutput = setting(
+        "tokens",
+        'all M tokens reach SAM ("tokens", the paper\'s text) or one pooled token ("pooled", the authors\' code)',
+    )
+    connector_depth: int = setting(4, "transformer blocks of the vit connector")
+    connector_heads: int | None = setting(
+        None, "attention heads of the connector (None: hidden // 64; the authors' code: 16)"
+    )
+    connector_activation: Activation = setting(
+        "gelu", 'MLP activation of the connector (the authors\' code: "quick_gelu")'
+    )
+    connector_norm_eps: float = setting(
+        1e-5, "LayerNorm eps of the connector (the authors' code: 1e-6)"
+    )
+    mrope: MropeMode = setting(
+        "correct",
+        'positions of the queries: "correct" 3-D mRoPE, or "authors" (1-D, as the authors\' code)',
+    )
+    box_prompt: bool = setting(False, "also prompt SAM with the MLLM's own box (the authors: no)")
+    stability_fallback: bool = setting(
+        False,
+        "at evaluation, SAM2's best of 3 masks when the mask is unstable (the authors' build)",
+    )
+    sam: dict = field(default_factory=dict)  # SamConfig fields of the SAM the model is built with
 
     def sam_config(self) -> SamConfig:
         fields = dict(self.sam)
@@ -213,11 +228,9 @@ class LensModel(nn.Module):
         prompt (used only when cfg.box_prompt). features: SAM features of the P images if the
         caller has them (else `sam.encode`, which caches).
         """
-        prompt = mllm_lib.build_inputs(self.processor, images, texts)
-        if group_size > 1:
-            prompt = mllm_lib.repeat_batch(prompt, group_size)
-        batch = mllm_lib.append_completions(prompt, completion_ids.cpu(), completion_mask.cpu())
-        batch = BatchFeature({k: v for k, v in batch.items() if k != "labels"}).to(self.device)
+        batch = mllm_lib.completion_batch(
+            self.processor, images, texts, completion_ids, completion_mask, group_size
+        ).to(self.device)
         readout = self.queries(self.mllm, batch, logits_to_keep=completion_ids.shape[1])
         q_seg = self.connector(readout.queries.float())  # (N, K, D)
         mask_logits = self.segment_from_prompts(images, q_seg, group_size, boxes, features)
@@ -274,7 +287,7 @@ class LensModel(nn.Module):
     # ---------------------------------------------------------------- which parts learn
     def set_stage(self, stage: Stage, train_vision_tower: bool = True) -> dict[str, int]:
         """Freeze / unfreeze for a training stage with `requires_grad_` (which really freezes;
-        the authors' `module.requires_grad = False` does not: their defect (d)).
+        the authors' `module.requires_grad = False` sets an attribute and freezes nothing).
 
         align (eq. 5):  only the context queries and the connector.
         rl (eq. 12):    everything except SAM's image encoder; `train_vision_tower=False`

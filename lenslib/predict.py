@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lenslib.answers import Box, parse_answer
 from lenslib.data.io import DataError
 from lenslib.model import LensModel
-from lenslib.rewards import Box, parse_answer
 from lenslib.viz import overlay
 
 

@@ -1,7 +1,7 @@
 """Presets: the ONE place where "toy" and "full" differ. Only sizes and paths, never logic.
 
     toy:  the tiny Qwen2.5-VL and SAM2 pretrained on the toy world (committed under
-          lenslib/assets/toy/), toy-world data, schedules that finish in minutes on a CPU.
+          lenslib/toy/assets/), toy-world data, schedules that finish in minutes on a CPU.
     full: Qwen2.5-VL-3B-Instruct + SAM2 hiera-L from local paths or hub ids, RefCOCO/+/g for
           training, the paper's hyperparameters (Tables A1 and A2).
 
@@ -10,74 +10,115 @@ A training script takes `--preset` and may override any field on the command lin
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch.utils.data import ConcatDataset
 
+from lenslib.align import AlignConfig
 from lenslib.data.refer import ReferDataset
-from lenslib.data.toy import ToyDataset, ToyWorld, ToyWorldConfig, toy_corpus
-from lenslib.mllm import build_toy_mllm, load_mllm
+from lenslib.mllm import load_mllm
 from lenslib.model import LensConfig, LensModel
+from lenslib.rl import GRPOConfig
 from lenslib.sam import SamConfig, SamSegmenter
-from lenslib.tokenizer import build_toy_tokenizer
+from lenslib.settings import add_flags, changed, check_choices, setting
+from lenslib.toy import ToyDataset, ToyWorld, ToyWorldConfig, load_bases, random_bases
+
+STAGES = ("align", "rl")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Model sources, data and hyperparameters of both stages."""
+    """Model sources, data, the LENS glue and the settings of both stages.
+
+    `lens`, `align` and `rl` are the dataclasses the model and the two stages take; their
+    defaults are the paper's (Tables 3-4, A1, A2), so the "full" preset only names models and
+    data, and the "toy" preset lists what it changes.
+    """
 
     name: str
     # ---- models
-    mllm: str = "toy"  # "toy" (committed toy base model) or a path / hub id of Qwen2.5-VL
-    mllm_max_pixels: int | None = None  # smart-resize budget; None: the checkpoint's own
-    sam_config: str = "toy"  # "toy" or a sam2 config name, e.g. "sam2_hiera_l.yaml"
-    sam_checkpoint: str | None = None  # a SAM2 checkpoint file (full scale)
-    num_queries: int = 64  # M, Table 3
-    connector_kind: str = "vit"  # Table 4
-    connector_output: str = "tokens"  # "tokens" (paper) or "pooled" (authors' code)
-    mrope: str = "correct"  # "correct" or "authors"
+    mllm: str = setting(
+        "toy", 'Qwen2.5-VL: a local folder or hub id ("toy": the committed toy base)'
+    )
+    mllm_max_pixels: int | None = setting(
+        None, "the MLLM's smart-resize pixel budget (None: the checkpoint's own)"
+    )
+    sam_config: str = setting(
+        "toy", 'a sam2 config name, e.g. "sam2_hiera_l.yaml" ("toy": the committed toy base)'
+    )
+    sam_checkpoint: str | None = setting(None, "the SAM2 checkpoint file (full scale)")
+    init_seed: int = setting(
+        42, "seed of the toy world and of the context module's initial weights"
+    )
     # ---- data
-    data_root: str | None = None  # folder holding refer_seg/ (and ReasonSeg/) at full scale
-    train_sets: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog")
-    toy_train_size: int = 4096  # samples per toy "epoch"
-    toy_val_size: int = 64
-    # ---- stage 1: alignment (Table A1)
-    align_epochs: int = 25
-    align_batch_size: int = 128
-    align_lr: float = 3e-5
-    align_scheduler: str = "cosine"
-    # ---- stage 2: GRPO (Table A2)
-    rl_epochs: int = 16
-    rl_batch_size: int = 64  # prompts per step (x G rollouts)
-    rl_lr: float = 3e-6
-    rl_mllm_lr: float = 0.0  # the MLLM's stage-2 lr (0: rl_lr for every part, as Table A2)
-    rl_sam_lr: float = 0.0  # SAM decoder's stage-2 lr (0: rl_lr)
-    rl_scheduler: str = "linear"
-    rl_max_steps: int = 0  # stop stage 2 after this many steps (0: all rl_epochs)
-    group_size: int = 8  # G
-    beta: float = 0.04  # KL weight, eq. 10
-    alpha: float = 1.0  # seg loss weight, eq. 12
-    reward_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # lambda_1..3, eq. 11
-    temperature: float = 0.9
-    top_p: float = 0.9
-    top_k: int = 50
-    max_completion_length: int = 768
-    max_prompt_length: int = 2048
-    seed: int = 42
-    eval_every: int = 500  # optimiser steps between validation runs
-    eval_samples: int = 1000  # validation samples per run
-    checkpoint_every: int = 500  # optimiser steps between checkpoints
+    data_root: str | None = setting(
+        None, "full scale: the folder holding refer_seg/ (and ReasonSeg/)"
+    )
+    train_sets: tuple[str, ...] = setting(
+        ("refcoco", "refcoco+", "refcocog"), "full scale: the training sets"
+    )
+    toy_train_size: int = setting(4096, "toy scale: samples per training epoch")
+    toy_val_size: int = setting(64, "toy scale: samples in the validation split")
     toy_world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    # ---- the LENS glue and the two stages
+    lens: LensConfig = field(default_factory=LensConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    rl: GRPOConfig = field(default_factory=GRPOConfig)
 
-    def override(self, **changes) -> Preset:
-        """A copy with the given fields changed; None values mean "keep the preset's"."""
-        known = {f.name for f in fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"unknown preset field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+    @property
+    def max_completion_length(self) -> int:
+        """The answer length limit of generation at evaluation (stage 2's)."""
+        return self.rl.max_new_tokens
 
+    def override(self, stage: str | None = None, **changes) -> Preset:
+        """A copy with settings changed by name; None values keep the preset's.
+
+        A name is looked up among the preset's own fields, then `lens`, then the stage
+        configs: `stage` ("align" or "rl") picks one stage for names both stages have
+        (e.g. lr); without it such a name changes both.
+        """
+        changes = {k: v for k, v in changes.items() if v is not None}
+        parts = {"preset": {}, "lens": {}, "align": {}, "rl": {}}
+        for name, value in changes.items():
+            owners = setting_owners(name, stage)
+            if not owners:
+                raise ValueError(f"unknown setting {name!r}; known: {sorted(setting_names())}")
+            for owner in owners:
+                parts[owner][name] = value
+        updated = replace(self, **parts["preset"])
+        nested = {
+            p: replace(getattr(updated, p), **parts[p]) for p in ("lens", *STAGES) if parts[p]
+        }
+        updated = replace(updated, **nested)
+        for part in (updated.lens, updated.align, updated.rl):
+            check_choices(part)
+        return updated
+
+
+def setting_owners(name: str, stage: str | None = None) -> list[str]:
+    """Which parts of a Preset hold setting `name`: "preset", "lens", "align" and/or "rl"."""
+    if stage not in (None, *STAGES):
+        raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
+    own = {f.name for f in fields(Preset)} - {"name", "lens", "align", "rl", "toy_world"}
+    if name in own:
+        return ["preset"]
+    if name in {f.name for f in fields(LensConfig)} - {"sam"}:
+        return ["lens"]
+    stages = [stage] if stage else list(STAGES)
+    classes = {"align": AlignConfig, "rl": GRPOConfig}
+    return [s for s in stages if name in {f.name for f in fields(classes[s])}]
+
+
+def setting_names() -> set[str]:
+    """Every name `Preset.override` accepts."""
+    names = {f.name for f in fields(Preset)} | {f.name for f in fields(LensConfig)}
+    names |= {f.name for f in fields(AlignConfig)} | {f.name for f in fields(GRPOConfig)}
+    return names - {"name", "lens", "align", "rl", "toy_world", "sam"}
+
+
+_TOY_LOOP = dict(max_new_tokens=48, eval_every=64, eval_samples=128, checkpoint_every=64)
 
 PRESETS: dict[str, Preset] = {
     "full": Preset(
@@ -90,57 +131,68 @@ PRESETS: dict[str, Preset] = {
     ),
     "toy": Preset(
         name="toy",
-        num_queries=16,
         toy_train_size=2048,
         toy_val_size=256,
-        align_epochs=3,  # 384 steps, under 5 min on 2 CPU cores; val cIoU plateaus after ~320
-        align_batch_size=16,
-        align_lr=3e-4,  # 1e-3 left the vit connector stuck at its untrained cIoU
-        rl_epochs=1,
-        rl_batch_size=4,
-        # Stage-2 lrs, measured on 256 val samples from a stage-1 model at cIoU 0.539: one lr
-        # of 1e-4 for all parts moved the MLLM's hidden states under the context queries and
-        # cost 0.06-0.09 cIoU; MLLM 1e-5, SAM decoder 1e-5, context module 3e-5 kept 0.532.
-        # Notebook 04 has the full table (16 prompts a step do better, at 4x the time per step);
-        # benchmarks/stage2_recipes.py reruns any recipe.
-        rl_lr=3e-5,
-        rl_mllm_lr=1e-5,
-        rl_sam_lr=1e-5,
-        rl_max_steps=120,  # one toy epoch is 512 steps; 120 fit a notebook's 10 minutes
-        max_completion_length=48,
-        max_prompt_length=512,
-        eval_every=64,  # stage 1: 6 evaluations in 384 steps; stage 2: at 64 and 120
-        eval_samples=128,
-        checkpoint_every=64,
+        lens=LensConfig(num_queries=16),
+        # 384 steps, under 5 min on 2 CPU cores; val cIoU plateaus after ~320
+        align=AlignConfig(
+            epochs=3, batch_size=16, lr=3e-4, output_dir="runs/toy/align", **_TOY_LOOP
+        ),
+        # stage-2 lrs per part, chosen by the sweep in notebook 04 (one lr of 1e-4 for every
+        # part cost 0.06-0.09 val cIoU); 120 steps fit a notebook's 10 minutes
+        rl=GRPOConfig(
+            epochs=1,
+            batch_size=4,
+            lr=3e-5,
+            mllm_lr=1e-5,
+            sam_lr=1e-5,
+            max_steps=120,
+            output_dir="runs/toy/rl",
+            **_TOY_LOOP,
+        ),  # fmt: skip
     ),
 }
 
 
-def get_preset(name: str, **changes) -> Preset:
-    """The named preset with `changes` applied (None = keep)."""
+def get_preset(name: str, stage: str | None = None, **changes) -> Preset:
+    """The named preset with `changes` applied (see `Preset.override`; None = keep)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name].override(**changes)
+    return PRESETS[name].override(stage, **changes)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, stage: str | None) -> list[str]:
+    """A `--flag` for every setting a script of `stage` ("align", "rl" or None for none) can
+    change, each with its help text and its toy and full values; returns their names."""
+
+    def values(part: str, cls: type) -> dict[str, str]:
+        rows = {}
+        for f in fields(cls):
+            pair = [getattr(getattr(p, part) if part else p, f.name) for p in PRESETS.values()]
+            rows[f.name] = ", ".join(f"{n}: {v}" for n, v in zip(PRESETS, pair))
+        return rows
+
+    names = add_flags(parser, Preset, "models and data", values("", Preset), skip=("name",))
+    names += add_flags(parser, LensConfig, "the LENS glue", values("lens", LensConfig))
+    if stage is not None:
+        cls = {"align": AlignConfig, "rl": GRPOConfig}[stage]
+        names += add_flags(parser, cls, f"stage settings ({stage})", values(stage, cls))
+    return names
+
+
+def preset_from_flags(args: argparse.Namespace, names: list[str], stage: str | None) -> Preset:
+    """The preset `args.preset` with every flag among `names` that was given applied."""
+    return get_preset(args.preset, stage, **changed(args, names))
 
 
 def toy_world(preset: Preset) -> ToyWorld:
     """The toy world a preset trains and evaluates on."""
-    return ToyWorld(preset.toy_world, seed=preset.seed)
+    return ToyWorld(preset.toy_world, seed=preset.init_seed)
 
 
 def toy_split(preset: Preset, split: str, size: int) -> ToyDataset:
     """A toy split of `size` samples, generated lazily."""
     return ToyDataset(toy_world(preset), split, size)
-
-
-def lens_config(preset: Preset) -> LensConfig:
-    """The LensConfig a preset asks for."""
-    return LensConfig(
-        num_queries=preset.num_queries,
-        connector_kind=preset.connector_kind,
-        connector_output=preset.connector_output,
-        mrope=preset.mrope,
-    )
 
 
 def build_lens(
@@ -150,22 +202,16 @@ def build_lens(
     module. `pretrained=False` (toy only) uses random base models, for tests of the plumbing."""
     if preset.mllm == "toy":
         if pretrained:
-            from lenslib.pretrain_mllm import load_toy_mllm
-            from lenslib.sam import load_toy_sam
-
-            mllm, processor = load_toy_mllm(device)
-            sam = load_toy_sam(device)
+            mllm, processor, sam = load_bases(device)
         else:
-            tokenizer = build_toy_tokenizer(toy_corpus(preset.toy_world))
-            mllm, processor = build_toy_mllm(tokenizer, seed=preset.seed)
-            sam = SamSegmenter(SamConfig.toy(), device)
+            mllm, processor, sam = random_bases(preset.toy_world, preset.init_seed, device)
     else:
         mllm, processor = load_mllm(preset.mllm, max_pixels=preset.mllm_max_pixels, device=device)
         sam_cfg = SamConfig(config_name=preset.sam_config, checkpoint=preset.sam_checkpoint)
         sam = SamSegmenter(sam_cfg, device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(preset.seed)  # the same context module init on every process
-        return LensModel(mllm.to(device), processor, sam, lens_config(preset))
+        torch.manual_seed(preset.init_seed)  # the same context module init on every process
+        return LensModel(mllm.to(device), processor, sam, preset.lens)
 
 
 def train_val_data(preset: Preset):

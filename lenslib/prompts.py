@@ -25,7 +25,7 @@ USER_TEMPLATE = (
     '<answer>[{{"bbox_2d": [x1,y1,x2,y2], "label": "{query}"}}]</answer>'
 )
 
-# R_format's pattern (facts file, section 3): reasoning, then answer, nothing required between.
+# R_format's pattern: reasoning, then answer, nothing required between.
 FORMAT_PATTERN = r"<think>.*?</think>\s*<answer>.*?</answer>"
 
 

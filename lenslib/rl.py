@@ -33,59 +33,64 @@ from accelerate import Accelerator
 
 from lenslib import grpo
 from lenslib.data.sample import SegSample
-from lenslib.mllm import append_completions, build_inputs, repeat_batch
+from lenslib.losses import LossKind
+from lenslib.mllm import completion_batch
 from lenslib.model import LensModel
 from lenslib.rewards import RewardWeights, box_reward, format_reward, seg_reward, unified_reward
-from lenslib.training import make_scheduler, mean_seg_loss, run_stage, run_steps, target_masks
+from lenslib.settings import setting
+from lenslib.training import (
+    LoopConfig,
+    SchedulerKind,
+    make_scheduler,
+    mean_seg_loss,
+    run_stage,
+    run_steps,
+    target_masks,
+)
 
 
-@dataclass
-class GRPOConfig:
-    """Stage-2 hyperparameters (Table A2 values in the "full" preset)."""
+@dataclass(kw_only=True)
+class GRPOConfig(LoopConfig):
+    """Stage-2 settings; the defaults are the paper's (Table A2 and eqs. 6-12)."""
 
-    epochs: int = 16
-    batch_size: int = 64  # prompts per step, global over all processes (x G rollouts)
-    group_size: int = 8  # G
-    lr: float = 3e-6
-    mllm_lr: float | None = None  # the MLLM's own lr (None: `lr`, one lr for all, as the paper)
-    sam_lr: float | None = None  # SAM's prompt encoder + mask decoder lr (None: `lr`)
-    scheduler: str = "linear"
-    seed: int = 42
-    beta: float = 0.04  # KL weight (eq. 10); 0 skips the reference model
-    alpha: float = 1.0  # segmentation-loss weight (eq. 12)
-    reward_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # lambda_1..3 (eq. 11)
-    square_iou: bool = False  # the authors square R_box and R_seg
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    std: str = "population"  # eq. 6; "bessel" = TRL / authors
-    scale_rewards: str = "group"
-    aggregation: str = "grpo"  # eq. 10; or "bnpo", "dr_grpo", "dapo"
-    temperature: float = 0.9
-    top_p: float = 0.9
-    top_k: int = 50
-    max_new_tokens: int = 768
-    train_vision_tower: bool = True
-    loss_kind: str = "bce"
-    eval_every: int = 0
-    eval_samples: int = 64
-    checkpoint_every: int = 0
-    output_dir: str = "runs/rl"
-    max_steps: int | None = None
-
-    @classmethod
-    def from_preset(cls, preset, **changes) -> GRPOConfig:
-        """The stage-2 settings of a `lenslib.presets.Preset` (Table A2 in "full"); `changes`
-        override single fields (evaluation and checkpoints keep this class's defaults)."""
-        values = dict(
-            epochs=preset.rl_epochs, batch_size=preset.rl_batch_size,
-            group_size=preset.group_size, lr=preset.rl_lr, scheduler=preset.rl_scheduler,
-            mllm_lr=preset.rl_mllm_lr or None, sam_lr=preset.rl_sam_lr or None,
-            seed=preset.seed, beta=preset.beta, alpha=preset.alpha,
-            reward_weights=preset.reward_weights, temperature=preset.temperature,
-            top_p=preset.top_p, top_k=preset.top_k, max_new_tokens=preset.max_completion_length,
-            max_steps=preset.rl_max_steps or None,
-        )  # fmt: skip
-        return cls(**(values | changes))
+    epochs: int = setting(16, "passes over the training set (Table A2: 16)")
+    batch_size: int = setting(
+        64, "prompts per optimiser step, over all processes, each with G rollouts (Table A2: 64)"
+    )
+    lr: float = setting(3e-6, "AdamW learning rate (Table A2: 3e-6)")
+    scheduler: SchedulerKind = setting("linear", "learning-rate schedule (Table A2: linear)")
+    output_dir: str = setting(
+        "runs/rl", "checkpoints, history and the final model (output_dir/final)"
+    )
+    mllm_lr: float | None = setting(
+        None, "the MLLM's own lr (None: lr, one lr for every part as in the paper)"
+    )
+    sam_lr: float | None = setting(
+        None, "the lr of SAM's prompt encoder and mask decoder (None: lr)"
+    )
+    group_size: int = setting(8, "G, rollouts sampled per prompt (Table A2: 8)")
+    beta: float = setting(0.04, "KL weight of eq. 10 (0 skips the reference model)")
+    alpha: float = setting(1.0, "weight of the segmentation loss in eq. 12")
+    reward_weights: tuple[float, ...] = setting(
+        (1.0, 1.0, 1.0), "lambda_1..3 of eq. 11: format, box, seg"
+    )
+    square_iou: bool = setting(False, "square R_box and R_seg, as the authors' code does")
+    eps_low: float = setting(0.2, "lower clipping range of eq. 8")
+    eps_high: float = setting(0.2, "upper clipping range of eq. 8")
+    std: grpo.StdKind = setting(
+        "population", "std of eq. 6 (population), or Bessel-corrected as TRL and the authors"
+    )
+    scale_rewards: grpo.ScaleKind = setting(
+        "group", "divide advantages by the group's std, the batch's, or \"none\" (Dr. GRPO)"
+    )
+    aggregation: grpo.Aggregation = setting(
+        "grpo", "how token losses are averaged (eq. 10 and TRL's variants)"
+    )
+    temperature: float = setting(0.9, "sampling temperature of the rollouts")
+    top_p: float = setting(0.9, "nucleus sampling of the rollouts")
+    top_k: int = setting(50, "top-k sampling of the rollouts")
+    train_vision_tower: bool = setting(True, "False also freezes the MLLM's vision tower")
+    loss_kind: LossKind = setting("bce", 'pixel loss beside dice in L_seg: "bce" or "focal"')
 
 
 def frozen_reference(model: LensModel) -> torch.nn.Module:
@@ -100,12 +105,10 @@ def reference_logprobs(
     ref: torch.nn.Module, lens: LensModel, samples, completion_ids, completion_mask, cfg
 ) -> torch.Tensor:
     """(N, T) log-probs of the rollouts' tokens under the reference MLLM."""
-    prompt = repeat_batch(
-        build_inputs(lens.processor, [s.image for s in samples], [s.text for s in samples]),
-        cfg.group_size,
+    images, texts = [s.image for s in samples], [s.text for s in samples]
+    batch = completion_batch(
+        lens.processor, images, texts, completion_ids, completion_mask, cfg.group_size
     )
-    batch = append_completions(prompt, completion_ids.cpu(), completion_mask.cpu())
-    batch = {k: v for k, v in batch.items() if k != "labels"}
     T = completion_ids.shape[1]
     logits = ref(**{k: v.to(lens.device) for k, v in batch.items()}, logits_to_keep=T + 1).logits
     return grpo.token_logprobs(logits[:, :-1], completion_ids.to(lens.device), cfg.temperature)

@@ -14,10 +14,9 @@ Two halves with two different lives:
   context tokens and into the decoder, never into the image encoder.
 
 Everything is built with the `sam2` package (`build_sam2` + hydra configs): the full model is the
-authors' SAM 2.0 hiera-L (`sam2_hiera_l.yaml`, 1024 px); the toy model is the same config with
-size overrides (`SamConfig.toy()`), so both run the same code. LENS starts from a PRETRAINED
-SAM2; the toy equivalent is pretrained on the toy world by `lenslib.pretrain_sam` and loaded
-with `load_toy_sam` (weights in lenslib/assets/toy/sam/).
+authors' SAM 2.0 hiera-L (`sam2_hiera_l.yaml`, 1024 px); a toy model is the same config with
+size overrides (`SamConfig.overrides`), so both run the same code. The frozen features and their
+cache live in `lenslib.sam_features`, saving and loading weights in `lenslib.sam_io`.
 
 A detail worth knowing: SAM2 keeps two 1x1 convs (`conv_s0`, `conv_s1`) inside the mask decoder
 but applies them to the high-res features in `forward_image`, i.e. on the encoder side. The
@@ -32,8 +31,6 @@ so `SamConfig.train_high_res_convs` chooses:
 from __future__ import annotations
 
 import hashlib
-import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,33 +41,18 @@ import torch
 import torch.nn.functional as F
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from safetensors.torch import load_file, save_file
 from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import resize
 
+from lenslib.data.images import check_rgb_image
+from lenslib.sam_features import FeatureCache, SamFeatures, image_hash
+
 # ImageNet statistics on 0-255 pixel values (the authors' pixel_mean / pixel_std).
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
-
-# Hydra overrides that shrink the hiera-L config to a laptop-sized toy (facts, section 6):
-# Hiera trunk 16 -> 128 channels over 4 stages of 1, 1, 2, 1 blocks (~0.33 M parameters).
-# The neck's d_model sets SAM2's prompt width (prompt tokens, image embedding, mask decoder):
-# 256 in the real model, 128 here, which shrinks the decoder from 4.2 M to 1.65 M parameters so
-# the pretrained toy weights stay small on disk (~4 MB in float16). The sine position encoding
-# of the neck must have the same width.
-TOY_PROMPT_DIM = 128
-TOY_OVERRIDES = (
-    "++model.image_encoder.trunk.embed_dim=16",
-    "++model.image_encoder.trunk.num_heads=1",
-    "++model.image_encoder.trunk.stages=[1,1,2,1]",
-    "++model.image_encoder.trunk.global_att_blocks=[3]",
-    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
-    f"++model.image_encoder.neck.d_model={TOY_PROMPT_DIM}",
-    f"++model.image_encoder.neck.position_encoding.num_pos_feats={TOY_PROMPT_DIM}",
-)
 
 
 @dataclass(frozen=True)
@@ -104,13 +86,6 @@ class SamConfig:
             )
         if self.cache_size < 1:
             raise ValueError(f"SamConfig.cache_size must be >= 1, got {self.cache_size}")
-
-    @classmethod
-    def toy(cls, **changes) -> SamConfig:
-        """The hiera-L config shrunk to 128 px, a tiny trunk and prompt width 128 (random weights
-        unless `checkpoint`; `load_toy_sam` loads the pretrained toy weights)."""
-        settings = {"image_size": 128, "overrides": TOY_OVERRIDES} | changes
-        return cls(**settings)
 
     def hydra_overrides(self) -> list[str]:
         """Overrides passed to `build_sam2`: the image size first, then `overrides`."""
@@ -172,15 +147,6 @@ def parameter_counts(sam: SAM2Base) -> dict[str, int]:
     return counts
 
 
-def _check_image(image: np.ndarray, index: int) -> None:
-    """Raise if `image` is not an (H, W, 3) uint8 RGB array."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", type(image).__name__)
-        raise ValueError(f"images[{index}] must be an (H, W, 3) RGB array, got {shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"images[{index}] must be uint8 (0-255), got {image.dtype}")
-
-
 def preprocess_images(images: Sequence[np.ndarray], image_size: int) -> Tensor:
     """(H, W, 3) uint8 images -> (N, 3, S, S) float SAM input.
 
@@ -190,7 +156,7 @@ def preprocess_images(images: Sequence[np.ndarray], image_size: int) -> Tensor:
     """
     batch = []
     for i, image in enumerate(images):
-        _check_image(image, i)
+        image = check_rgb_image(image, f"images[{i}]")
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
         batch.append(
             resize(pixels, [image_size, image_size], InterpolationMode.BILINEAR, antialias=True)
@@ -199,126 +165,6 @@ def preprocess_images(images: Sequence[np.ndarray], image_size: int) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def image_hash(image: np.ndarray) -> str:
-    """Content hash of an image (its pixels and shape): the per-image half of a cache key."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(str(image.shape).encode())
-    digest.update(np.ascontiguousarray(image).tobytes())
-    return digest.hexdigest()
-
-
-@dataclass
-class SamFeatures:
-    """Frozen image features of N images, as `SAM2ImagePredictor.set_image` computes them.
-
-    image_embed: (N, D, S/16, S/16) lowest-resolution map (D = prompt width), `no_mem_embed` already added.
-    high_res:    ((N, C0, S/4, S/4), (N, C1, S/8, S/8)); C0, C1 = 32, 64 after the decoder's
-                 conv_s0/conv_s1 (toy: 16, 32), or D, D (raw neck output) when
-                 train_high_res_convs.
-                 Empty for a config without high-res features.
-    """
-
-    image_embed: Tensor
-    high_res: tuple[Tensor, ...]
-
-    def __len__(self) -> int:
-        return self.image_embed.shape[0]
-
-    def select(self, index: int) -> SamFeatures:
-        """Features of one image (batch 1), copied so they do not pin the whole batch in memory."""
-        return SamFeatures(
-            image_embed=self.image_embed[index : index + 1].clone(),
-            high_res=tuple(level[index : index + 1].clone() for level in self.high_res),
-        )
-
-    @staticmethod
-    def cat(items: Sequence[SamFeatures]) -> SamFeatures:
-        """Stack per-image features along the batch axis (one per prompt, or one shared)."""
-        if len(items) == 1:
-            return items[0]
-        return SamFeatures(
-            image_embed=torch.cat([f.image_embed for f in items]),
-            high_res=tuple(torch.cat(level) for level in zip(*(f.high_res for f in items))),
-        )
-
-    def to_tensors(self) -> dict[str, Tensor]:
-        """Flat name -> tensor dict for safetensors."""
-        tensors = {"image_embed": self.image_embed}
-        tensors.update({f"high_res_{i}": level for i, level in enumerate(self.high_res)})
-        return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-
-    @staticmethod
-    def from_tensors(tensors: dict[str, Tensor], device: torch.device) -> SamFeatures:
-        """Inverse of `to_tensors`."""
-        levels = sorted(name for name in tensors if name.startswith("high_res_"))
-        return SamFeatures(
-            image_embed=tensors["image_embed"].to(device),
-            high_res=tuple(tensors[name].to(device) for name in levels),
-        )
-
-
-class FeatureCache:
-    """Per-image features: an in-memory LRU dict (at most `max_items`) and an optional disk copy.
-
-    Keys are "<model fingerprint>/<image hash>", so features of another model or another image
-    are never served. Disk files: <cache_dir>/<fingerprint>/<image hash>.safetensors.
-    `hits` counts lookups served from memory or disk; `misses` counts lookups that found
-    nothing (the caller then runs the encoder and `put`s the result).
-    """
-
-    def __init__(self, max_items: int, cache_dir: str | Path | None = None) -> None:
-        self.max_items = max_items
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.memory: OrderedDict[str, SamFeatures] = OrderedDict()
-        self.hits = 0
-        self.disk_hits = 0
-        self.misses = 0
-
-    def _path(self, key: str) -> Path:
-        return self.cache_dir / f"{key}.safetensors"
-
-    def get(self, key: str, device: torch.device) -> SamFeatures | None:
-        """Features for `key` from memory, else from disk (then kept in memory), else None."""
-        if key in self.memory:
-            self.memory.move_to_end(key)
-            self.hits += 1
-            return self.memory[key]
-        if self.cache_dir is not None and self._path(key).is_file():
-            features = SamFeatures.from_tensors(load_file(self._path(key)), device)
-            self._remember(key, features)
-            self.hits += 1
-            self.disk_hits += 1
-            return features
-        self.misses += 1
-        return None
-
-    def put(self, key: str, features: SamFeatures) -> None:
-        """Keep `features` in memory (evicting the least recently used) and on disk if enabled."""
-        self._remember(key, features)
-        if self.cache_dir is not None:
-            self._path(key).parent.mkdir(parents=True, exist_ok=True)
-            save_file(features.to_tensors(), str(self._path(key)))
-
-    def _remember(self, key: str, features: SamFeatures) -> None:
-        self.memory[key] = features
-        self.memory.move_to_end(key)
-        while len(self.memory) > self.max_items:
-            self.memory.popitem(last=False)
-
-    def clear_memory(self) -> None:
-        """Forget the in-memory features (disk files stay)."""
-        self.memory.clear()
-
-    def stats(self) -> dict[str, int]:
-        """Counters and size, e.g. for logging."""
-        return {
-            "hits": self.hits,
-            "disk_hits": self.disk_hits,
-            "misses": self.misses,
-            "in_memory": len(self.memory),
-        }
 
 
 @dataclass
@@ -554,7 +400,7 @@ class SamSegmenter(nn.Module):
 
         Returns low-resolution logits (B, 4, S/4, S/4) and predicted IoUs (B, 4): token 0 is
         the single-mask output, tokens 1-3 the multimask outputs. `decode` picks from these;
-        pretraining (`lenslib.pretrain_sam`) supervises all of them, as SAM's training does.
+        SAM-style pretraining supervises all of them.
         """
         batch = self._check_decode_inputs(features, context_tokens, boxes, orig_sizes, points)
         sparse, dense = self.embed_prompts(batch, boxes, orig_sizes, points)
@@ -658,93 +504,3 @@ def upsample_logits(
         F.interpolate(low_res[i : i + 1], size, mode="bilinear", align_corners=False)[0]
         for i, size in enumerate(sizes)
     ]
-
-
-# ---- saved SAM weights (the pretrained toy SAM2) --------------------------------------------
-TOY_SAM_DIR = Path(__file__).parent / "assets" / "toy" / "sam"
-WEIGHTS_FILE = "model.safetensors"
-INFO_FILE = "sam.json"
-ARCHITECTURE_FIELDS = ("config_name", "image_size", "overrides")  # what the weights depend on
-
-
-def save_sam(
-    seg: SamSegmenter, directory: str | Path, info: dict, dtype: torch.dtype = torch.float16
-) -> Path:
-    """Write <directory>/model.safetensors (weights cast to `dtype`) and <directory>/sam.json.
-
-    The json holds the architecture fields of the SamConfig under "sam_config" (so `load_sam`
-    can rebuild the model) plus everything in `info` (e.g. steps, wall time, val IoU).
-    float16 halves the file size; `load_sam` turns the weights back into float32.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
-        for name, t in seg.sam.state_dict().items()
-    }
-    save_file(tensors, str(directory / WEIGHTS_FILE))
-    config = {field: getattr(seg.cfg, field) for field in ARCHITECTURE_FIELDS}
-    config["overrides"] = list(config["overrides"])
-    record = {"sam_config": config, "weights_dtype": str(dtype).removeprefix("torch."), **info}
-    (directory / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return directory
-
-
-def read_sam_info(directory: str | Path) -> dict:
-    """The json written by `save_sam`; a clear error if the directory or its files are missing."""
-    directory = Path(directory)
-    missing = [name for name in (WEIGHTS_FILE, INFO_FILE) if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"SAM weights not found: {', '.join(str(directory / m) for m in missing)} missing. "
-            "Create them with `python -m lenslib.pretrain_sam --out "
-            f"{directory}` (the toy SAM2 is pretrained on the toy world, ~20 min on a CPU)."
-        )
-    info = json.loads((directory / INFO_FILE).read_text())
-    if not isinstance(info.get("sam_config"), dict):
-        raise ValueError(f"{directory / INFO_FILE}: no 'sam_config' object")
-    return info
-
-
-def load_sam(directory: str | Path, device: str | torch.device = "cpu", **changes) -> SamSegmenter:
-    """Rebuild the SamConfig saved by `save_sam` and load its weights (as float32).
-
-    `changes` set the non-architecture SamConfig fields (cache_size, cache_dir,
-    train_high_res_convs).
-    """
-    directory = Path(directory)
-    saved = read_sam_info(directory)["sam_config"]
-    unknown = set(saved) - set(ARCHITECTURE_FIELDS)
-    if unknown:
-        raise ValueError(f"{directory / INFO_FILE}: unknown sam_config fields {sorted(unknown)}")
-    architecture = set(changes) & set(ARCHITECTURE_FIELDS)
-    if architecture:
-        raise ValueError(f"load_sam cannot change architecture fields {sorted(architecture)}")
-    cfg = SamConfig(**(saved | {"overrides": tuple(saved["overrides"])} | changes))
-    seg = SamSegmenter(cfg, device)
-    tensors = load_file(str(directory / WEIGHTS_FILE))
-    state = {name: t.float() if t.is_floating_point() else t for name, t in tensors.items()}
-    seg.sam.load_state_dict(state)  # strict: a missing or extra weight is an error
-    seg.reset_cache()
-    return seg
-
-
-def load_toy_sam(
-    device: str | torch.device = "cpu", directory: str | Path = TOY_SAM_DIR, **changes
-) -> SamSegmenter:
-    """The pretrained toy SAM2 (lenslib/assets/toy/sam/), the toy stand-in for Meta's SAM2.
-
-    Raises if the asset is missing, or if it was trained for another architecture than the
-    current `SamConfig.toy()` (then rerun `python -m lenslib.pretrain_sam`).
-    """
-    saved = read_sam_info(directory)["sam_config"]
-    toy = SamConfig.toy()
-    expected = {field: getattr(toy, field) for field in ARCHITECTURE_FIELDS}
-    expected["overrides"] = list(expected["overrides"])
-    if saved != expected:
-        raise ValueError(
-            f"{Path(directory) / INFO_FILE} was trained for sam_config {saved}, but "
-            f"SamConfig.toy() is now {expected}: rerun `python -m lenslib.pretrain_sam --out "
-            f"{directory}`"
-        )
-    return load_sam(directory, device, **changes)

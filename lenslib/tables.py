@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from lenslib.align import AlignConfig, train_alignment
 from lenslib.data.sample import SegSample
 from lenslib.evaluate import evaluate
 from lenslib.metrics import IoUAccumulator
 from lenslib.model import LensModel
+from lenslib.pipeline import run_pipeline
 from lenslib.presets import Preset, build_lens, toy_split
-from lenslib.rl import GRPOConfig, train_grpo
 from lenslib.training import take
 
 # the results of `scripts/reproduce_tables.py --preset toy`, committed (notebook 06 reads them)
@@ -66,17 +65,18 @@ class TableConfig:
     seed: int = 0
 
 
+QUIET = dict(eval_every=0, eval_at_end=False, checkpoint_every=0)  # rows are scored on testA
+
+
 def aligned(preset: Preset, cfg: TableConfig, accelerator: Accelerator, out: Path) -> LensModel:
     """A fresh LENS model of `preset` after `cfg.align_steps` steps of stage 1 (eq. 5)."""
     torch.manual_seed(cfg.seed)
+    epochs = max(1, -(-cfg.align_steps * preset.align.batch_size // preset.toy_train_size))
+    preset = preset.override(
+        "align", epochs=epochs, max_steps=cfg.align_steps, output_dir=str(out), **QUIET
+    )
     model = build_lens(preset, device=accelerator.device)
-    train = toy_split(preset, "train", preset.toy_train_size)
-    epochs = max(1, -(-cfg.align_steps * preset.align_batch_size // len(train)))
-    align_cfg = AlignConfig.from_preset(
-        preset, epochs=epochs, eval_samples=1, output_dir=str(out), max_steps=cfg.align_steps
-    )  # the loop's final evaluation is one sample: the tables score on testA
-    train_alignment(model, train, toy_split(preset, "val", 1), align_cfg, accelerator)
-    return model
+    return run_pipeline(preset, accelerator, stages=("align",), model=model)[0]
 
 
 def reinforced(
@@ -90,13 +90,11 @@ def reinforced(
     """`model` after `cfg.rl_steps` GRPO steps (eqs. 6-12) with reward weights
     (lambda_format, lambda_box, lambda_seg) of eq. 11."""
     torch.manual_seed(cfg.seed)
-    train = toy_split(preset, "train", preset.toy_train_size)
-    rl_cfg = GRPOConfig.from_preset(
-        preset, epochs=1, reward_weights=weights, eval_samples=1, output_dir=str(out),
-        max_steps=cfg.rl_steps,
+    preset = preset.override(
+        "rl", epochs=1, reward_weights=weights, max_steps=cfg.rl_steps, output_dir=str(out),
+        **QUIET,
     )  # fmt: skip
-    train_grpo(model, train, toy_split(preset, "val", 1), rl_cfg, accelerator)
-    return model
+    return run_pipeline(preset, accelerator, stages=("rl",), model=model)[0]
 
 
 @torch.no_grad()
@@ -146,14 +144,14 @@ def run_tables(
     models: dict[tuple[int, str], float] = {}
     for m in cfg.query_counts:
         model = aligned(preset.override(num_queries=m), cfg, accelerator, out / f"q{m}")
-        models[(m, preset.connector_kind)] = ciou(model, test, preset)
-        record("table3", f"M = {m}", models[(m, preset.connector_kind)], PAPER_TABLE3.get(m))
+        models[(m, preset.lens.connector_kind)] = ciou(model, test, preset)
+        record("table3", f"M = {m}", models[(m, preset.lens.connector_kind)], PAPER_TABLE3.get(m))
     for kind in cfg.connectors:
-        if (preset.num_queries, kind) not in models:
+        if (preset.lens.num_queries, kind) not in models:
             changed = preset.override(connector_kind=kind)
             model = aligned(changed, cfg, accelerator, out / f"connector_{kind}")
-            models[(preset.num_queries, kind)] = ciou(model, test, preset)
-        record("table4", kind, models[(preset.num_queries, kind)], PAPER_TABLE4.get(kind))
+            models[(preset.lens.num_queries, kind)] = ciou(model, test, preset)
+        record("table4", kind, models[(preset.lens.num_queries, kind)], PAPER_TABLE4.get(kind))
     for i, (row, context, align, weights, paper) in enumerate(TABLE5_ROWS):
         torch.manual_seed(cfg.seed)
         if not context:

@@ -22,11 +22,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch import Tensor
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -35,6 +37,7 @@ from lenslib.evaluate import evaluate
 from lenslib.losses import seg_loss
 from lenslib.model import LensModel, mllm_image_size, to_mllm_frame
 from lenslib.prompts import format_answer
+from lenslib.settings import setting
 
 
 def make_accelerator(cpu: bool = False, log_dir: str | None = None) -> Accelerator:
@@ -74,6 +77,11 @@ def epoch_batches(
 def take(dataset: Sequence[SegSample], n: int) -> list[SegSample]:
     """The first n samples of any map-style dataset (lazy datasets do not slice)."""
     return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+def first(dataset: Sequence[SegSample], n: int) -> Subset:
+    """A lazy view of the first n samples: each process decodes only the ones it evaluates."""
+    return Subset(dataset, range(min(n, len(dataset))))
 
 
 def ground_truth_answer(model: LensModel, sample: SegSample) -> str:
@@ -138,6 +146,14 @@ def save_checkpoint(accelerator: Accelerator, folder: str | Path, state: TrainSt
     return path
 
 
+def save_model(model: torch.nn.Module, folder: str | Path, accelerator: Accelerator) -> None:
+    """Save the (unwrapped) LensModel as a folder that `LensModel.from_pretrained` reads."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(folder)
+    accelerator.wait_for_everyone()
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
     """The newest complete checkpoint in `folder`, or None."""
     done = sorted(Path(folder).glob("step_*/train_state.json")) if Path(folder).exists() else []
@@ -166,19 +182,32 @@ def run_steps(num_samples: int, batch_size: int, epochs: int, max_steps: int | N
     return min(steps, max_steps) if max_steps else steps
 
 
-@dataclass
-class LoopConfig:
-    """The loop settings both stages share (each stage's config has these fields)."""
+SchedulerKind = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
-    epochs: int
-    batch_size: int
-    seed: int
-    eval_every: int
-    eval_samples: int
-    max_new_tokens: int
-    checkpoint_every: int
-    output_dir: str
-    max_steps: int | None
+
+@dataclass(kw_only=True)
+class LoopConfig:
+    """The loop settings both stages share. `AlignConfig` and `GRPOConfig` extend it and give
+    the first four their stage's defaults (Tables A1 and A2)."""
+
+    epochs: int = setting(help="passes over the training set")
+    batch_size: int = setting(help="global batch size, over all processes")
+    lr: float = setting(help="AdamW learning rate")
+    scheduler: SchedulerKind = setting(help="transformers learning-rate schedule")
+    output_dir: str = setting(
+        help="checkpoints, history.jsonl and the final model (output_dir/final)"
+    )
+    seed: int = setting(42, "seed of the order in which training samples are drawn")
+    max_steps: int | None = setting(None, "stop after this many optimiser steps (None: all epochs)")
+    max_new_tokens: int = setting(
+        768, "answer length limit when the model generates (max completion)"
+    )
+    eval_every: int = setting(
+        0, "optimiser steps between validation runs (0: none during training)"
+    )
+    eval_samples: int = setting(64, "validation samples per validation run")
+    eval_at_end: bool = setting(True, "run validation after the last step")
+    checkpoint_every: int = setting(0, "optimiser steps between checkpoints (0: none)")
 
 
 HISTORY_FILE = "history.jsonl"
@@ -241,9 +270,9 @@ def run_stage(
             state.global_step += 1
             record |= {"step": state.global_step, "lr": scheduler.get_last_lr()[0]}
             step = state.global_step
-            if step == end or (cfg.eval_every and step % cfg.eval_every == 0):
+            if (step == end and cfg.eval_at_end) or (cfg.eval_every and step % cfg.eval_every == 0):
                 metrics = evaluate(
-                    lens, take(val, cfg.eval_samples), max_new_tokens=cfg.max_new_tokens,
+                    lens, first(val, cfg.eval_samples), max_new_tokens=cfg.max_new_tokens,
                     accelerator=accelerator,
                 )  # fmt: skip
                 record |= {f"val_{k}": v for k, v in metrics.items() if k != "count"}

@@ -33,7 +33,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from lenslib.rewards import parse_answer
+from lenslib.answers import parse_answer
+from lenslib.data.images import check_rgb_image
 
 BoxLike = Sequence[float]
 MaskLike = np.ndarray | torch.Tensor
@@ -56,14 +57,6 @@ def _as_mask(mask: MaskLike, shape: tuple[int, int], name: str = "mask") -> np.n
     if mask.shape != shape:
         raise ValueError(f"{name} has shape {mask.shape}, the image is {shape}")
     return mask.astype(bool)
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    """The image as (H, W, 3) uint8; ValueError naming what is wrong otherwise."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    return image
 
 
 def mask_edge(mask: np.ndarray) -> np.ndarray:
@@ -130,7 +123,7 @@ def overlay(
     """The image (H, W, 3) uint8 with the mask tinted (`alpha` of `color` blended in, its
     contour in full `color`) and the box drawn (`draw_box`); returns a new (H, W, 3) uint8
     array. mask or box may be None."""
-    image = _check_image(image)
+    image = check_rgb_image(image)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     out = image.copy()

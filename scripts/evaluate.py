@@ -8,22 +8,23 @@ Launch: accelerate launch --config_file configs/accelerate/ddp.yaml scripts/eval
 
 import argparse
 
+from lenslib.presets import add_setting_flags
+from lenslib.settings import changed
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--preset', type=str, default='toy', choices=['toy', 'full'], help='data scale (choices: toy, full)')
 parser.add_argument('--model-dir', type=str, default='runs/toy/rl/final', help='a trained LENS model folder (notebook 04 / scripts/train_rl.py)')
 parser.add_argument('--splits', nargs="+", type=str, default=['toy:val', 'toy:testA', 'toy:testB'], help='split specs: toy:val, refcoco:testA, reasonseg:val@100, groundingsuite:FILE.jsonl')
-parser.add_argument('--data-root', type=str, default=None, help='full scale: the folder holding refer_seg/ and ReasonSeg/')
-parser.add_argument('--eval-samples', type=int, default=None, help="samples per toy split; None: the preset's")
 parser.add_argument('--batch-size', type=int, default=16, help='prompts per generate call')
 parser.add_argument('--max-new-tokens', type=int, default=None, help="answer length limit; None: the preset's")
 parser.add_argument('--output-dir', type=str, default='runs/toy/eval', help='where metrics.json and metrics.md go')
 parser.add_argument('--cpu', action=argparse.BooleanOptionalAction, default=False, help='force CPU')
+setting_names = add_setting_flags(parser, None)
 args = parser.parse_args()
 preset = args.preset
 model_dir = args.model_dir
 splits = args.splits
-data_root = args.data_root
-eval_samples = args.eval_samples
+settings = changed(args, setting_names)
 batch_size = args.batch_size
 max_new_tokens = args.max_new_tokens
 output_dir = args.output_dir
@@ -31,13 +32,14 @@ cpu = args.cpu
 
 # --- notebook cell 3 ---
 # NBVAL_IGNORE_OUTPUT
-from lenslib.evaluate import evaluate_splits, markdown_table, write_reports
+from lenslib.evaluate import markdown_table, write_reports
 from lenslib.predict import load_model
 from lenslib.presets import get_preset
+from lenslib.splits import evaluate_splits
 from lenslib.training import make_accelerator
 
 accelerator = make_accelerator(cpu=cpu)
-config = get_preset(preset, data_root=data_root, toy_val_size=eval_samples)
+config = get_preset(preset, **settings)
 model = load_model(model_dir, device=accelerator.device)  # a clear error if the folder is wrong
 results = evaluate_splits(model, splits, config, batch_size, max_new_tokens, accelerator)
 if accelerator.is_main_process:

@@ -15,11 +15,11 @@ from lenslib.authors import (
     load_authors_checkpoint,
     map_authors_state_dict,
 )
-from lenslib.data.toy import ToyWorld, toy_corpus
-from lenslib.mllm import build_toy_mllm
 from lenslib.prompts import format_answer
-from lenslib.sam import SamConfig, SamSegmenter
-from lenslib.tokenizer import build_toy_tokenizer
+from lenslib.sam import SamSegmenter
+from lenslib.toy import ToyWorld, toy_corpus
+from lenslib.toy.models import build_toy_mllm, toy_sam_config
+from lenslib.toy.tokenizer import build_toy_tokenizer
 
 BLOCK_NAMES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
@@ -140,7 +140,7 @@ def test_a_checkpoint_without_connector_blocks_is_refused():
 def tiny_parts():
     tokenizer = build_toy_tokenizer(toy_corpus(ToyWorld().config))
     mllm, processor = build_toy_mllm(tokenizer, num_layers=1)
-    sam = SamSegmenter(SamConfig.toy())
+    sam = SamSegmenter(toy_sam_config())
     return mllm, processor, sam
 
 
@@ -164,7 +164,7 @@ def test_load_folder_puts_every_value_where_it_belongs(tiny_parts, tmp_path, sam
     sam_sd = {f"sam.{k}": v + 0.5 for k, v in sam.sam.state_dict().items()}  # "trained" SAM
     write_checkpoint(tmp_path, mllm, processor, sd | sam_sd, same_file)
 
-    model = load_authors_checkpoint(tmp_path, SamConfig.toy(), dtype=torch.float32)
+    model = load_authors_checkpoint(tmp_path, toy_sam_config(), dtype=torch.float32)
     assert model.cfg.num_queries == M and model.cfg.connector_depth == 1
     assert (model.cfg.connector_kind, model.cfg.connector_output) == ("vit", "pooled")
     assert model.cfg.mrope == "authors"
@@ -196,12 +196,12 @@ def test_load_folder_puts_every_value_where_it_belongs(tiny_parts, tmp_path, sam
 def test_folder_errors_name_the_problem(tiny_parts, tmp_path):
     mllm, processor, sam = tiny_parts
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_authors_checkpoint(tmp_path / "nowhere", SamConfig.toy())
+        load_authors_checkpoint(tmp_path / "nowhere", toy_sam_config())
     plain = tmp_path / "plain"
     mllm.save_pretrained(plain)
     processor.save_pretrained(plain)
     with pytest.raises(ValueError, match="plain Qwen2.5-VL"):
-        load_authors_checkpoint(plain, SamConfig.toy())
+        load_authors_checkpoint(plain, toy_sam_config())
     # a Qwen tensor missing: transformers would only warn and initialise it at random
     C = mllm.config.text_config.hidden_size
     holey = tmp_path / "holey"
@@ -210,7 +210,7 @@ def test_folder_errors_name_the_problem(tiny_parts, tmp_path):
     del weights["model.layers.0.mlp.up_proj.weight"]
     save_file(weights, str(holey / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="some weights were not loaded"):
-        load_authors_checkpoint(holey, SamConfig.toy(), dtype=torch.float32)
+        load_authors_checkpoint(holey, toy_sam_config(), dtype=torch.float32)
     # LENS keys made for SAM's real prompt width 256, but the toy SAM takes 128
     wide = tmp_path / "wide"
     write_checkpoint(wide, mllm, processor, authors_state_dict(C=C, P=256), same_file=False)
@@ -218,4 +218,4 @@ def test_folder_errors_name_the_problem(tiny_parts, tmp_path):
         pytest.warns(UserWarning, match="SAM2 is random"),
         pytest.raises(ValueError, match=r"proj_to_sam.2.weight has shape \(256"),
     ):
-        load_authors_checkpoint(wide, SamConfig.toy(), dtype=torch.float32)
+        load_authors_checkpoint(wide, toy_sam_config(), dtype=torch.float32)

@@ -14,9 +14,10 @@ from transformers import (
 )
 
 from lenslib.context import Connector, ContextQueries, context_position_ids
-from lenslib.mllm import build_inputs, build_toy_mllm
+from lenslib.mllm import QWEN_CHAT_TEMPLATE, build_inputs
 from lenslib.prompts import format_answer, user_prompt
-from lenslib.tokenizer import QWEN_CHAT_TEMPLATE, build_toy_tokenizer
+from lenslib.toy.models import build_toy_mllm
+from lenslib.toy.tokenizer import build_toy_tokenizer
 
 M = 8  # queries in these tests (the paper: 64)
 QUERIES = ["red circle", "big blue square", "circle"]
@@ -97,7 +98,7 @@ def test_readout_logits_are_the_plain_forward_logits(toy, imgs):
 
 @torch.no_grad()
 def test_correct_positions_equal_the_models_own(toy, imgs):
-    """Facts file, sec. 5: explicit get_rope_index positions == the model's (ids + embeds)."""
+    """Explicit get_rope_index positions == the model's own (ids + embeds)."""
     model, processor = toy
     cq = context_queries()
     batch = build_inputs(processor, imgs, QUERIES, ANSWERS)

@@ -34,13 +34,13 @@ from lenslib.data.masks import (
 )
 from lenslib.data.reasonseg import ReasonSegDataset, label_value
 from lenslib.data.refer import IMAGE_DIR, ReferDataset
-from lenslib.data.toy import ToyWorld
 from lenslib.data.writers import (
     write_groundingsuite,
     write_reasonseg,
     write_refer,
     write_toy_benchmarks,
 )
+from lenslib.toy import ToyWorld
 
 H, W = 20, 30
 RECT = [2.0, 3.0, 7.0, 3.0, 7.0, 9.0, 2.0, 9.0]  # pixels x 2..6, y 3..8

@@ -1,5 +1,6 @@
-"""Evaluation over named splits: split specs for every data set (small files in the real
-formats under tmp_path), evaluate_splits on a tiny random-weight model, and the reports."""
+"""Evaluation (lenslib.evaluate) and named splits (lenslib.splits): split specs for every data
+set (small files in the real formats under tmp_path), evaluate_splits on a tiny random-weight
+model, teacher-forced metrics, and the reports."""
 
 from __future__ import annotations
 
@@ -12,21 +13,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import lenslib.evaluate as ev
+import lenslib.splits as sp
 from lenslib.data.io import DataError
-from lenslib.data.toy import ToyWorld
 from lenslib.data.writers import write_groundingsuite, write_reasonseg, write_refer
-from lenslib.evaluate import (
-    EVAL_SPLITS,
-    SplitSpec,
-    eval_dataset,
-    evaluate_answers,
-    evaluate_splits,
-    markdown_table,
-    parse_spec,
-    write_reports,
-)
+from lenslib.evaluate import evaluate_answers, markdown_table, write_reports
 from lenslib.presets import build_lens, get_preset, toy_world
+from lenslib.splits import EVAL_SPLITS, SplitSpec, eval_dataset, evaluate_splits, parse_spec
+from lenslib.toy import ToyWorld
 
 TOY = get_preset("toy", toy_val_size=5)
 FULL = get_preset("full")
@@ -205,7 +198,7 @@ def test_evaluate_splits_checks_every_spec_first_and_fills_defaults(monkeypatch)
         calls.append((len(samples), max_new_tokens))
         return {}
 
-    monkeypatch.setattr(ev, "evaluate", fake)
+    monkeypatch.setattr(sp, "evaluate", fake)
     with pytest.raises(ValueError, match="'toy:nope'"):
         evaluate_splits(None, ["toy:val@1", "toy:nope"], TOY)
     assert calls == []  # nothing evaluated before the bad spec was found
@@ -216,7 +209,7 @@ def test_evaluate_splits_checks_every_spec_first_and_fills_defaults(monkeypatch)
         bars.append(disable)
         return items
 
-    monkeypatch.setattr(ev, "tqdm", bar)
+    monkeypatch.setattr(sp, "tqdm", bar)
     evaluate_splits(None, ["toy:val@1", "toy:testB"], TOY)
     evaluate_splits(None, ["toy:val@1"], TOY, max_new_tokens=3, accelerator=_Worker())
     assert calls == [(1, TOY.max_completion_length), (5, TOY.max_completion_length), (1, 3)]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from lenslib import export
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NOTEBOOKS = export.exported_notebooks()
 
@@ -85,4 +89,38 @@ def test_bad_parameters_cell_names_the_notebook(tmp_path, monkeypatch, bad):
     monkeypatch.setattr(export, "ROOT", tmp_path)
     path = _notebook(tmp_path, bad)
     with pytest.raises(export.ExportError, match="x.ipynb"):
+        export.export_source(path)
+
+
+def test_the_settings_parameter_becomes_every_setting_of_the_stage(tmp_path, monkeypatch):
+    """`settings = {}` in the notebook; in the script, a flag per stage-2 setting, derived from
+    the settings' dataclasses (help text and choices included), and `settings` holds the
+    flags that were given."""
+    monkeypatch.setattr(export, "ROOT", tmp_path)
+    path = _notebook(tmp_path, "settings = {}  # changes to the preset", "print(settings)")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["lenslib"]["settings"] = "rl"
+    nbformat.write(nb, path)
+    name, text = export.export_source(path)
+    script = tmp_path / name
+    script.write_text(text + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, str(script), *a], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert run().stdout.strip() == "{}"
+    given = run("--lr", "1e-4", "--reward-weights", "0", "1", "0", "--no-square-iou")
+    assert (
+        given.stdout.strip()
+        == "{'lr': 0.0001, 'reward_weights': (0.0, 1.0, 0.0), 'square_iou': False}"
+    )
+    helped = run("--help").stdout
+    assert "KL weight of eq. 10" in helped and "toy: 3e-05" in helped  # help and preset values
+    assert run("--aggregation", "mean").returncode != 0  # a Literal's choices are enforced
+
+
+def test_a_settings_parameter_must_start_empty(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "ROOT", tmp_path)
+    path = _notebook(tmp_path, "settings = {'lr': 1.0}  # changes")
+    with pytest.raises(export.ExportError, match="empty dict"):
         export.export_source(path)

@@ -72,13 +72,6 @@ def test_token_logprobs_match_log_softmax_and_temperature():
         grpo.token_logprobs(logits, ids, 0.0)
 
 
-def test_completion_mask_stops_after_first_eos():
-    eos = 9
-    ids = torch.tensor([[1, 2, eos, 3, eos], [1, 2, 3, 4, 5], [eos, 1, 1, 1, 1]])
-    mask = grpo.completion_mask(ids, eos)
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
-
-
 def test_k3_is_nonnegative_zero_at_equality_and_unbiased():
     logp = torch.log(torch.tensor([0.2, 0.5, 0.3]))
     assert torch.all(grpo.k3_kl(logp, logp) == 0)

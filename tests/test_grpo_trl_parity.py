@@ -1,4 +1,4 @@
-"""Parity of lenslib.grpo with TRL 1.16's GRPOTrainer._compute_loss (facts file, section 4).
+"""Parity of lenslib.grpo with TRL 1.16's GRPOTrainer._compute_loss.
 
 TRL has no standalone loss function, so we build a bare trainer object, give it exactly the
 attributes `_compute_loss` reads, patch its log-prob function to return our tensors, and

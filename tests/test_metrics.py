@@ -1,4 +1,4 @@
-"""lenslib.metrics against the LISA evaluation protocol (facts file, section 7).
+"""lenslib.metrics against the LISA evaluation protocol.
 
 `_lisa_reference` re-states LISA's `intersectionAndUnionGPU` (histogram over 2 classes with
 ignore_index=255) and its gIoU / cIoU bookkeeping, so the test compares our streaming

@@ -1,4 +1,4 @@
-"""Tests for lenslib.tokenizer (toy word-level tokenizer) and lenslib.mllm (Qwen2.5-VL helpers)."""
+"""Tests for lenslib.mllm (Qwen2.5-VL helpers) and the toy models it runs on (lenslib.toy)."""
 
 from __future__ import annotations
 
@@ -21,29 +21,23 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from lenslib.grpo import completion_mask
 from lenslib.mllm import (
+    EOS_TOKEN,
     IGNORE_INDEX,
+    PAD_TOKEN,
+    QWEN_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
     append_completions,
     build_inputs,
-    build_toy_mllm,
-    default_mrope_section,
+    completion_mask,
     generate,
     load_mllm,
     repeat_batch,
     tokenize_completions,
-    toy_qwen_config,
 )
 from lenslib.prompts import FORMAT_PATTERN, chat_messages, format_answer, user_prompt
-from lenslib.tokenizer import (
-    EOS_TOKEN,
-    PAD_TOKEN,
-    QWEN_CHAT_TEMPLATE,
-    QWEN_SPECIAL_TOKENS,
-    SCAFFOLD_TOKENS,
-    UNK_TOKEN,
-    build_toy_tokenizer,
-)
+from lenslib.toy.models import build_toy_mllm, default_mrope_section, toy_qwen_config
+from lenslib.toy.tokenizer import SCAFFOLD_TOKENS, UNK_TOKEN, build_toy_tokenizer
 
 S = 112  # toy image side = largest coordinate
 WORDS = ["red", "blue", "green", "circle", "square", "triangle", "left", "right", "top", "bottom"]
@@ -117,7 +111,7 @@ def test_coordinates_and_scaffolding_are_single_tokens(tokenizer):
     for piece in SCAFFOLD_TOKENS:
         assert tokenizer.tokenize(piece) == [piece]
     answer = format_answer("The red circle is at the left.", [1, 2, 30, 40], "red circle")
-    assert len(tokenizer(answer)["input_ids"]) < 40  # compact targets (facts file, sec. 9)
+    assert len(tokenizer(answer)["input_ids"]) < 40  # compact targets: one token per coordinate
 
 
 def test_unknown_words_become_unk(tokenizer):
@@ -346,3 +340,10 @@ def test_load_mllm_rejects_other_models(tmp_path):
     GPT2Config(n_layer=1).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="gpt2"):
         load_mllm(str(tmp_path))
+
+
+def test_completion_mask_stops_after_first_eos():
+    eos = 9
+    ids = torch.tensor([[1, 2, eos, 3, eos], [1, 2, 3, 4, 5], [eos, 1, 1, 1, 1]])
+    mask = completion_mask(ids, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]

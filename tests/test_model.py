@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from lenslib import grpo
-from lenslib.data.toy import ToyWorld, toy_corpus
-from lenslib.mllm import build_toy_mllm, tokenize_completions
+from lenslib.mllm import tokenize_completions
 from lenslib.model import LensConfig, LensModel, to_mllm_frame, to_original_frame
 from lenslib.prompts import format_answer
-from lenslib.sam import SamConfig, SamSegmenter
-from lenslib.tokenizer import build_toy_tokenizer
+from lenslib.sam import SamSegmenter
+from lenslib.toy import ToyWorld, toy_corpus
+from lenslib.toy.models import build_toy_mllm, toy_sam_config
+from lenslib.toy.tokenizer import build_toy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def model():
     torch.manual_seed(0)
     tokenizer = build_toy_tokenizer(toy_corpus(ToyWorld().config))
     mllm, processor = build_toy_mllm(tokenizer, num_layers=2)
-    sam = SamSegmenter(SamConfig.toy())
+    sam = SamSegmenter(toy_sam_config())
     return LensModel(mllm, processor, sam, LensConfig(num_queries=8, connector_depth=1))
 
 

@@ -9,14 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lenslib import rewards
+from lenslib import answers, rewards
 from lenslib.prompts import format_answer
 
 GOOD = format_answer("The blue triangle is at the top left.", (10, 20, 50, 60), "blue triangle")
 
 
 def test_parses_the_paper_format():
-    parsed = rewards.parse_answer(GOOD)
+    parsed = answers.parse_answer(GOOD)
     assert parsed.format_ok
     assert parsed.box == (10, 20, 50, 60)
     assert parsed.label == "blue triangle"
@@ -41,7 +41,7 @@ def test_parses_the_paper_format():
     ],
 )
 def test_tolerant_fallbacks(text, box):
-    assert rewards.parse_answer(text).box == box
+    assert answers.parse_answer(text).box == box
 
 
 @pytest.mark.parametrize(
@@ -57,11 +57,11 @@ def test_tolerant_fallbacks(text, box):
     ],
 )
 def test_no_box_when_there_is_none(text):
-    assert rewards.parse_answer(text).box is None
+    assert answers.parse_answer(text).box is None
 
 
 def test_clamps_to_the_image():
-    parsed = rewards.parse_answer("<answer>[-5, 10, 500, 90]</answer>", image_size=(112, 80))
+    parsed = answers.parse_answer("<answer>[-5, 10, 500, 90]</answer>", image_size=(112, 80))
     assert parsed.box == (0, 10, 112, 80)
 
 
@@ -104,7 +104,7 @@ def test_unified_reward_is_the_weighted_sum():
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_parser_never_raises_on_any_text(text):
-    parsed = rewards.parse_answer(text)
+    parsed = answers.parse_answer(text)
     assert parsed.format_ok in (True, False)
     if parsed.box is not None:
         assert all(math.isfinite(v) for v in parsed.box)
@@ -120,7 +120,7 @@ _anything = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_coord, min_size=4, max_size=4), st.integers(1, 2000), st.integers(1, 2000))
 def test_any_finite_box_is_ordered_and_clamped(coords, width, height):
-    parsed = rewards.parse_answer(f'<answer>[{{"bbox_2d": {coords}}}]</answer>', (width, height))
+    parsed = answers.parse_answer(f'<answer>[{{"bbox_2d": {coords}}}]</answer>', (width, height))
     assert parsed.box is not None
     x1, y1, x2, y2 = parsed.box
     assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
@@ -135,15 +135,15 @@ def test_arbitrary_json_values_never_give_a_non_finite_box(values):
         payload = json.dumps([{"bbox_2d": values}])
     except (ValueError, TypeError):
         return
-    box = rewards.parse_answer(f"<answer>{payload}</answer>").box
+    box = answers.parse_answer(f"<answer>{payload}</answer>").box
     assert box is None or all(math.isfinite(v) for v in box)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_coord, min_size=4, max_size=4), st.lists(_coord, min_size=4, max_size=4))
 def test_box_reward_is_a_symmetric_iou_in_unit_interval(a, b):
-    a = rewards.order_and_clamp(tuple(a))
-    b = rewards.order_and_clamp(tuple(b))
+    a = answers.order_and_clamp(tuple(a))
+    b = answers.order_and_clamp(tuple(b))
     r = rewards.box_reward(a, b)
     assert 0.0 <= r <= 1.0 + 1e-9
     assert r == pytest.approx(rewards.box_reward(b, a))

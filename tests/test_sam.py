@@ -10,16 +10,9 @@ from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.transforms import SAM2Transforms
 
-from lenslib.sam import (
-    TOY_PROMPT_DIM,
-    FeatureCache,
-    SamConfig,
-    SamFeatures,
-    SamSegmenter,
-    image_hash,
-    preprocess_images,
-    resolve_config_name,
-)
+from lenslib.sam import SamConfig, SamSegmenter, preprocess_images, resolve_config_name
+from lenslib.sam_features import FeatureCache, SamFeatures, image_hash
+from lenslib.toy.models import TOY_PROMPT_DIM, toy_sam_config
 
 D = TOY_PROMPT_DIM  # prompt width of the toy SAM2 (256 in the real one)
 
@@ -33,7 +26,7 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def seg() -> SamSegmenter:
     torch.manual_seed(0)
-    return SamSegmenter(SamConfig.toy())
+    return SamSegmenter(toy_sam_config())
 
 
 @pytest.fixture
@@ -99,7 +92,7 @@ def test_config_names_resolve() -> None:
 
 def test_sam21_toy_builds_after_hydra_was_cleared() -> None:
     GlobalHydra.instance().clear()  # building must not depend on `import sam2` having run last
-    seg21 = SamSegmenter(SamConfig.toy(config_name="sam2.1_hiera_l.yaml"))
+    seg21 = SamSegmenter(toy_sam_config(config_name="sam2.1_hiera_l.yaml"))
     out = seg21([random_image(64, 64)], context_tokens=torch.randn(1, 2, D), multimask=True)
     assert out.logits.shape == (1, 3, 64, 64)
 
@@ -114,18 +107,18 @@ def test_bad_config_values_are_rejected() -> None:
 def test_missing_checkpoint_names_the_path(tmp_path) -> None:
     path = tmp_path / "nope" / "sam2_hiera_large.pt"
     with pytest.raises(FileNotFoundError, match="sam2_hiera_large.pt"):
-        SamSegmenter(SamConfig.toy(checkpoint=str(path)))
+        SamSegmenter(toy_sam_config(checkpoint=str(path)))
 
 
 def test_checkpoint_is_loaded(tmp_path) -> None:
     torch.manual_seed(123)
-    cfg = SamConfig.toy()
+    cfg = toy_sam_config()
     reference = build_sam2(
         cfg.config_name, device="cpu", hydra_overrides_extra=cfg.hydra_overrides()
     )
     path = tmp_path / "toy.pt"
     torch.save({"model": reference.state_dict()}, path)
-    loaded = SamSegmenter(SamConfig.toy(checkpoint=str(path)))
+    loaded = SamSegmenter(toy_sam_config(checkpoint=str(path)))
     for name in ("image_encoder.trunk.pos_embed", "sam_mask_decoder.iou_token.weight"):
         assert torch.equal(loaded.sam.state_dict()[name], reference.state_dict()[name])
 
@@ -210,7 +203,7 @@ def test_stability_fallback_changes_unstable_masks(fresh) -> None:
 
 def test_train_high_res_convs_keeps_parity_and_trains_the_convs() -> None:
     torch.manual_seed(1)
-    seg_raw = SamSegmenter(SamConfig.toy(train_high_res_convs=True))
+    seg_raw = SamSegmenter(toy_sam_config(train_high_res_convs=True))
     image = random_image(96, 160, seed=3)
     box = np.array([10.0, 10.0, 100.0, 80.0], dtype=np.float32)
     seg_raw.sam.sam_mask_decoder.dynamic_multimask_via_stability = False

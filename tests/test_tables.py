@@ -29,8 +29,8 @@ def random_base_models(monkeypatch):
 
 
 def test_run_tables_fills_every_row_with_the_papers_numbers_beside(tmp_path):
-    preset = get_preset("toy", align_batch_size=2, rl_batch_size=1, group_size=2,
-                        max_completion_length=4)  # fmt: skip
+    preset = get_preset("toy", group_size=2, max_new_tokens=4)
+    preset = preset.override("align", batch_size=2).override("rl", batch_size=1)
     cfg = TableConfig(align_steps=1, rl_steps=1, eval_samples=2, query_counts=(1, 16))
     results = run_tables(preset, cfg, tmp_path, make_accelerator(cpu=True))
     assert [r["row"] for r in results["table3"]] == ["M = 1", "M = 16"]

@@ -136,18 +136,27 @@ def test_two_processes_hold_identical_parameters_and_share_advantages(tmp_path):
         assert torch.allclose(torch.tensor(step0["advantages"]), expected)
 
 
-def test_stage_configs_from_a_preset_take_its_values_and_the_given_changes():
-    preset = get_preset("toy")
-    align = AlignConfig.from_preset(preset, eval_samples=3)
+def test_a_preset_nests_each_stages_settings_and_routes_changes_by_name():
+    preset = get_preset("toy", "align", eval_samples=3)
+    align = preset.align
     assert (align.epochs, align.batch_size, align.lr) == (3, 16, 3e-4)
-    assert (align.max_new_tokens, align.eval_samples, align.eval_every) == (48, 3, 0)
-    rl = GRPOConfig.from_preset(get_preset("full"), reward_weights=(0.0, 1.0, 0.0))
+    assert (align.max_new_tokens, align.eval_samples, align.eval_every) == (48, 3, 64)
+    assert preset.rl.eval_samples == 128  # a change for stage 1 leaves stage 2 alone
+    rl = get_preset("full", reward_weights=(0.0, 1.0, 0.0)).rl
     assert (rl.epochs, rl.batch_size, rl.group_size, rl.lr, rl.beta) == (16, 64, 8, 3e-6, 0.04)
     assert rl.reward_weights == (0.0, 1.0, 0.0) and rl.max_steps is None
-    assert GRPOConfig.from_preset(preset).max_steps == preset.rl_max_steps == 120
+    assert get_preset("toy").rl.max_steps == 120
     assert (rl.mllm_lr, rl.sam_lr) == (None, None)  # full: one lr for all parts, as Table A2
-    toy = GRPOConfig.from_preset(preset)
-    assert (toy.lr, toy.mllm_lr, toy.sam_lr) == (preset.rl_lr, preset.rl_mllm_lr, preset.rl_sam_lr)
+    toy = get_preset("toy").rl
+    assert (toy.lr, toy.mllm_lr, toy.sam_lr) == (3e-5, 1e-5, 1e-5)
+    both = get_preset("toy", lr=1.0)  # no stage named: a name both stages have changes both
+    assert both.align.lr == both.rl.lr == 1.0
+    assert get_preset("toy", num_queries=3).lens.num_queries == 3
+    assert get_preset("toy", lr=None) == get_preset("toy")  # None keeps the preset's value
+    with pytest.raises(ValueError, match="unknown setting 'lrr'"):
+        get_preset("toy", lrr=1.0)
+    with pytest.raises(ValueError, match="aggregation"):
+        get_preset("toy", aggregation="mean")
 
 
 def test_parameter_groups_give_each_part_its_own_lr_or_the_single_lr():

@@ -1,11 +1,13 @@
-"""Data: the common sample type, the synthetic toy world and the real dataset loaders."""
+"""Data: the common sample type, the real dataset loaders and writers in their formats.
+
+The synthetic toy world is not LENS data; it lives in the toy package (`ToyWorld`).
+"""
 
 from lenslib.data.groundingsuite import GroundingSuiteDataset
 from lenslib.data.io import DataError
 from lenslib.data.reasonseg import ReasonSegDataset
 from lenslib.data.refer import ReferDataset
 from lenslib.data.sample import IGNORE_LABEL, SegSample
-from lenslib.data.toy import ToyDataset, ToyWorld, ToyWorldConfig, toy_corpus
 from lenslib.data.writers import (
     write_groundingsuite,
     write_reasonseg,
@@ -20,10 +22,6 @@ __all__ = [
     "ReasonSegDataset",
     "ReferDataset",
     "SegSample",
-    "ToyDataset",
-    "ToyWorld",
-    "ToyWorldConfig",
-    "toy_corpus",
     "write_groundingsuite",
     "write_reasonseg",
     "write_refer",

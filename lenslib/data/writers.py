@@ -194,7 +194,8 @@ def write_groundingsuite(
 def write_toy_benchmarks(
     world, root: str | Path, sizes: Mapping[str, int], image_format: str = "png"
 ) -> dict[str, Path]:
-    """Write a toy world as all three benchmarks (`world` is a `lenslib.data.toy.ToyWorld`).
+    """Write a world of samples as all three benchmarks; `world` has `.split(name, n)`
+    returning a split's first n samples, as the toy world does.
 
     `sizes` gives the number of samples per toy split ("train", "val", "testA", "testB").
     RefCOCO layout: the toy splits keep their names (they are RefCOCO's unc splits).

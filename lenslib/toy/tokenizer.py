@@ -2,10 +2,10 @@
 
 Qwen2.5-VL's real tokenizer is a 151k-entry byte-level BPE; a toy model cannot afford that
 embedding table. This tokenizer keeps everything the model code relies on (the same special
-tokens, the same chat template, EOS = `<|im_end|>`, pad = `<|endoftext|>`) and replaces only the
-vocabulary: one token per word, one token per integer coordinate 0..S and one token per piece
-of the fixed answer scaffolding (`<think>`, `"bbox_2d": `, ...). A target answer is then ~47
-tokens (facts file, section 9).
+tokens, the same chat template, EOS = `<|im_end|>`, pad = `<|endoftext|>`, all from
+`lenslib.mllm`) and replaces only the vocabulary: one token per word, one token per integer
+coordinate 0..S and one token per piece of the fixed answer scaffolding (`<think>`,
+`"bbox_2d": `, ...). A target answer is then ~47 tokens.
 
 Spaces are kept inside the tokens (a word carries its leading space: " circle"), and the decoder
 concatenates tokens, so decoding gives back the exact text. That matters: the answer parser
@@ -21,27 +21,9 @@ from collections.abc import Iterable
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from lenslib.mllm import EOS_TOKEN, PAD_TOKEN, QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS
 from lenslib.prompts import SYSTEM_PROMPT, USER_TEMPLATE, format_answer
 
-# Qwen2.5-VL's special tokens, in Qwen's own id order (151643 ... 151656).
-PAD_TOKEN = "<|endoftext|>"
-EOS_TOKEN = "<|im_end|>"
-QWEN_SPECIAL_TOKENS = [
-    PAD_TOKEN,
-    "<|im_start|>",
-    EOS_TOKEN,
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
 UNK_TOKEN = "<unk>"  # Qwen's byte-level BPE needs none; a word-level vocabulary does.
 
 # Fixed pieces of the answer format (lenslib.prompts.format_answer), one token each.
@@ -55,25 +37,6 @@ SCAFFOLD_TOKENS = [
     '"bbox_2d": ',
     '"label": ',
 ]
-
-# Qwen2-VL / Qwen2.5-VL's chat template, as shipped with the released checkpoints.
-QWEN_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 # How text is cut into words, tried left to right at each position:
 #   scaffolding | integer | optional space + letters | ", " inside JSON | whitespace run | one symbol

@@ -1,4 +1,4 @@
-"""Tests for lenslib.pretrain_sam and the saved toy SAM2 (save_sam / load_sam / load_toy_sam)."""
+"""Tests for lenslib.toy.pretrain_sam and the saved toy SAM2 (save_sam / load_sam / load_toy_sam)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lenslib.data.toy import ToyWorld, ToyWorldConfig
-from lenslib.pretrain_sam import (
+from lenslib.sam import SamSegmenter
+from lenslib.sam_io import INFO_FILE, WEIGHTS_FILE, load_sam, save_sam
+from lenslib.toy import ToyWorld, ToyWorldConfig
+from lenslib.toy.models import TOY_SAM_DIR, load_toy_sam, toy_sam_config
+from lenslib.toy.pretrain_sam import (
     PretrainConfig,
     decoder_parameters,
     encoder_parameters,
     evaluate_sam_with_boxes,
     evaluate_sam_with_click,
     jitter_box,
-    learning_rate_factor,
     main,
     make_batch,
     make_optimizer,
@@ -27,16 +29,7 @@ from lenslib.pretrain_sam import (
     set_trainable,
     training_step,
 )
-from lenslib.sam import (
-    INFO_FILE,
-    TOY_SAM_DIR,
-    WEIGHTS_FILE,
-    SamConfig,
-    SamSegmenter,
-    load_sam,
-    load_toy_sam,
-    save_sam,
-)
+from lenslib.toy.schedule import warmup_cosine as learning_rate_factor
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -129,7 +122,7 @@ def test_learning_rate_factor() -> None:
 # ---- training --------------------------------------------------------------------------------
 def test_training_steps_decrease_the_loss(world) -> None:
     torch.manual_seed(0)
-    seg = SamSegmenter(SamConfig.toy())
+    seg = SamSegmenter(toy_sam_config())
     set_trainable(seg, decoder=True, encoder=True)
     seg.train()
     cfg = PretrainConfig(batch_images=2, point_fraction=0.5)
@@ -144,7 +137,7 @@ def test_training_steps_decrease_the_loss(world) -> None:
 
 def test_phases_freeze_then_train_the_image_side(world) -> None:
     torch.manual_seed(0)
-    seg = SamSegmenter(SamConfig.toy())
+    seg = SamSegmenter(toy_sam_config())
     cfg = PretrainConfig(steps=10, decoder_first_steps=4, warmup_steps=2, batch_images=1)
     optimizer, scheduler = make_optimizer(seg, cfg)
     factors = []
@@ -179,14 +172,14 @@ def test_cli_writes_weights_that_load_back_identically(tmp_path) -> None:
     assert record["steps"] == 2 and record["weights_dtype"] == "float16"
     assert record["val_gt_box"]["count"] == 4 and 0 <= record["val_gt_box"]["giou"] <= 1
     assert record["val_gt_box"] == info["val_gt_box"]
-    assert record["sam_config"]["overrides"] == list(SamConfig.toy().overrides)
+    assert record["sam_config"]["overrides"] == list(toy_sam_config().overrides)
     saved = load_file(str(out / WEIGHTS_FILE))
     assert all(t.dtype == torch.float16 for t in saved.values())
     loaded = load_sam(out)
     state = loaded.sam.state_dict()
     assert set(state) == set(saved)
     assert all(torch.equal(state[name], saved[name].float()) for name in saved)
-    assert load_toy_sam(directory=out).cfg == SamConfig.toy()
+    assert load_toy_sam(directory=out).cfg == toy_sam_config()
     # the script reproduces its weights
     main([*argv[:1], str(tmp_path / "again"), *argv[2:]])
     again = load_file(str(tmp_path / "again" / WEIGHTS_FILE))
@@ -196,7 +189,7 @@ def test_cli_writes_weights_that_load_back_identically(tmp_path) -> None:
 # ---- saving and loading ----------------------------------------------------------------------
 def test_save_and_load_round_trip_in_float16(tmp_path) -> None:
     torch.manual_seed(3)
-    seg = SamSegmenter(SamConfig.toy())
+    seg = SamSegmenter(toy_sam_config())
     save_sam(seg, tmp_path, {"note": "random"})
     loaded = load_sam(tmp_path, cache_size=3)
     assert loaded.cfg.cache_size == 3
@@ -208,13 +201,13 @@ def test_save_and_load_round_trip_in_float16(tmp_path) -> None:
 
 
 def test_missing_asset_gives_a_clear_error(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"model.safetensors.*lenslib.pretrain_sam"):
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors.*lenslib.toy.pretrain_sam"):
         load_toy_sam(directory=tmp_path / "nowhere")
 
 
 def test_asset_for_another_architecture_is_rejected(tmp_path) -> None:
     torch.manual_seed(0)
-    save_sam(SamSegmenter(SamConfig.toy(image_size=64)), tmp_path, {})
+    save_sam(SamSegmenter(toy_sam_config(image_size=64)), tmp_path, {})
     with pytest.raises(ValueError, match="rerun"):
         load_toy_sam(directory=tmp_path)
 

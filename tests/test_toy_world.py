@@ -1,4 +1,4 @@
-"""Tests of the toy world (lenslib/data/toy.py)."""
+"""Tests of the toy world (lenslib.toy: world, expressions, rationales, generator)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lenslib.data.masks import mask_to_box
-from lenslib.data.toy import (
+from lenslib.toy import (
     DIFFICULTIES,
     GRID_WORDS,
     KINDS,
@@ -75,7 +75,7 @@ def test_seed_split_and_index_change_the_sample():
 def test_same_samples_in_a_fresh_interpreter_with_another_hash_seed():
     """No dependence on Python's string hashing (set order) or on process state."""
     code = (
-        "import hashlib;from lenslib.data.toy import ToyWorld;w=ToyWorld(seed=5);"
+        "import hashlib;from lenslib.toy import ToyWorld;w=ToyWorld(seed=5);"
         "print(','.join(hashlib.sha256(w.sample(s,i).image.tobytes()+w.sample(s,i).text.encode()"
         "+w.sample(s,i).rationale.encode()).hexdigest() for s in ('train','testB') for i in (0,7)))"
     )

@@ -1,71 +1,49 @@
 """Pretraining the toy Qwen2.5-VL on the toy world: the toy stand-in for a pretrained Qwen2.5-VL.
 
 LENS starts from a PRETRAINED, instruction-tuned Qwen2.5-VL that already finds objects and
-writes boxes; GRPO (eq. 11) only sharpens a policy that localises sometimes (facts file,
-section 9). At toy scale no such model exists, so this module makes one by supervised
+writes boxes; GRPO (eq. 11) only sharpens a policy that localises sometimes (RL needs a
+base policy that is sometimes right). At toy scale no such model exists, so this module makes one by supervised
 next-token training (teacher forcing) on the toy world:
 
     prompt  = chat template (system + image + the paper's instruction, `lenslib.prompts`)
     target  = "<think>The blue triangle is at the top left. It is the target.</think>
                <answer>[{"bbox_2d": [x1, y1, x2, y2], "label": "the blue triangle"}]</answer>"
 
-The answer FORMAT is learned in a minute; WHERE things are is the hard part. Qwen2.5-VL's
+The answer FORMAT is learned in a minute; WHERE things are is the hard part: Qwen2.5-VL's
 vision tower has no absolute position embedding and RoPE only changes attention scores, so a
-tiny model trained from scratch barely looks at the image (facts file, section 9). These design
-choices attack that directly:
+tiny model trained from scratch barely looks at the image. The recipe adds (the toy world's
+colour-ramp background, `ToyWorldConfig.background_gradient`, does the rest):
 
-* **A colour ramp in the background** (`ToyWorldConfig.background_gradient`, on by default):
-  red grows to the right, blue downwards, so every patch carries its absolute position in its
-  pixels. Linear probes: image tokens name their own 4x4 cell 18% of the time after the
-  embedding on a black background, 36% with the ramp (92% vs 66% after LM layer 2).
-* **A dense auxiliary objective** (used only here, not part of the model LENS uses): a small
-  linear `DenseHead` reads the language model's hidden state of every image token (after layer
-  `dense_layer`) and predicts the colour, the kind and the box of the shape that covers that
-  token's 28x28-pixel cell (or "background"). It forces the model to store WHAT is at every
-  image token and WHERE its object is, early in the network, so the answer only has to look
-  up the token whose colour and kind the rationale names and copy its box.
-* **An answer read-out objective** (`recall_weight`, also pretraining only): a linear
-  `RecallHead` reads the last two hidden states of every answer token from `"label": ` on
-  and predicts the box the answer just wrote. A 3B-parameter LM keeps what it has said in its
-  hidden states (that is what LENS's context queries read, eq. 2); a 4-layer toy LM trained
-  only on the next token forgets the box as soon as it is written: linear probes of its states
-  after the box explain none of the box's variance (R^2 ~ 0), and stage 1 could not learn
-  to read it. This objective gives the toy model the property the real one has.
-* **A name look-up objective** (`locate_weight`, pretraining only): a second `RecallHead`
-  reads every answer token from the rationale's naming of the target ("The blue TRIANGLE is
-  at ...") on and predicts the target's box, so the states that choose the position word are
-  taught to hold where the named shape is. Linear probes of an earlier model trained without
-  it show why it is needed: the state just before the position word predicts that word at
-  chance (0.20-0.25, majority 0.25). Measured: alone, 400 steps on top of the earlier
-  black-background model gave box IoU 0.143 (0.131 without it); together with the colour ramp
-  the probe rises to 0.33 and the box IoU with it (below).
+* **A dense auxiliary objective** (`dense_weight`; pretraining only, not part of the model LENS
+  uses): a linear `DenseHead` reads the language model's hidden state of every image token
+  (after layer `dense_layer`) and predicts the colour, the kind and the box of the shape that
+  covers that token's 28x28-pixel cell (or "background"), so WHAT is at every image token and
+  WHERE its object is are stored early in the network.
+* **An answer read-out objective** (`recall_weight`): a linear `RecallHead` reads the last two
+  hidden states of every answer token from `"label": ` on and predicts the box the answer just
+  wrote. A 3B-parameter LM keeps what it has said in its hidden states (that is what LENS's
+  context queries read, eq. 2); a 4-layer toy LM trained only on the next token does not
+  (linear probes of its states after the box: R^2 ~ 0).
+* **A name look-up objective** (`locate_weight`): a second `RecallHead` reads every answer
+  token from the rationale's naming of the target ("The blue TRIANGLE is at ...") on and
+  predicts the target's box, so the states that choose the position word hold where the named
+  shape is.
 * **Coarse coordinates**: target boxes are rounded to multiples of `box_quantum` pixels (the
   answer format is unchanged), so each coordinate token is seen more often.
 
-Read `training_step` top to bottom for one step. The committed asset is ONE run of the
-defaults (3000 steps x 32 samples, 48 min on one CPU thread), i.e. `python -m
-lenslib.pretrain_mllm` (`--out DIR` to write elsewhere). Its free-running val box IoU (200
-greedy answers, format 100%) rose with training:
-
-    step     250   500   750  1000  1250  1500  1750  2000  2250  2500  2750  3000
-    box IoU .089  .117  .197  .253  .307  .341  .440  .493  .451  .551  .574  .587
-
-(73.5% of the answers overlap the target by IoU > 0.5). What did NOT work, for the record (box IoU
-on the plain black background, 1000-1400 steps): the dense objective alone ~0.14 (given the
-TRUE rationale its box IoU is ~0.40: it found named shapes but named the wrong one); 1300 more
-plain steps ~0.14; the look-up objective alone 0.143; a wider model (text 256 x 4, vision 128)
-0.100 after 250 steps at 2.4x the time per step; a deeper one (6 LM layers, with the ramp)
-0.125 after 750 steps where 4 layers had 0.197, so it was stopped. `--init-from DIR` goes on
-training a saved model with a fresh schedule on new samples. Each run writes the model and
-processor (`save_pretrained`, safetensors, float32, ~5 MB) plus `pretrain.json` (config,
-steps, wall time, val metrics); `load_toy_mllm` loads them.
+Read `training_step` top to bottom for one step. The committed asset (lenslib/toy/assets/mllm/)
+is ONE run of the defaults, `python -m lenslib.toy.pretrain_mllm` (`--out DIR` to write
+elsewhere; 3000 steps x 32 samples, 48 min on one CPU thread): free-running val box IoU 0.587
+on 200 greedy answers, format 100%. `--init-from DIR` goes on training a saved model with a
+fresh schedule on new samples. Each run writes the model and processor (`save_pretrained`,
+safetensors, float32, ~5 MB) plus `pretrain.json` (config, steps, wall time, val metrics);
+`lenslib.toy.models.load_toy_mllm` loads them. README.md next to this file logs what was tried.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -76,23 +54,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import (
-    AutoProcessor,
     BatchFeature,
     PreTrainedModel,
     ProcessorMixin,
-    Qwen2_5_VLForConditionalGeneration,
 )
 
+from lenslib.answers import parse_answer
 from lenslib.data.masks import mask_to_box
 from lenslib.data.sample import SegSample
-from lenslib.data.toy import ToyWorld, ToyWorldConfig, toy_corpus, visible_masks
-from lenslib.mllm import build_inputs, build_toy_mllm, generate
+from lenslib.mllm import build_inputs, generate
 from lenslib.prompts import format_answer
-from lenslib.rewards import box_reward, format_reward, parse_answer
-from lenslib.tokenizer import build_toy_tokenizer
+from lenslib.rewards import box_reward, format_reward
+from lenslib.toy.generator import ToyWorld, toy_corpus
+from lenslib.toy.models import (
+    INFO_FILE,
+    TOY_MLLM_DIR,
+    build_toy_mllm,
+    load_toy_mllm,
+    toy_mllm_world,
+    world_config_from_dict,
+)
+from lenslib.toy.schedule import warmup_cosine
+from lenslib.toy.tokenizer import build_toy_tokenizer
+from lenslib.toy.world import ToyWorldConfig, visible_masks
 
-TOY_MLLM_DIR = Path(__file__).parent / "assets" / "toy" / "mllm"
-INFO_FILE = "pretrain.json"
 CELL = 28  # pixels per image token side: patch 14 x spatial merge 2
 LABEL_MARKER = '"label": '  # the toy tokenizer's single token after the answer's box
 
@@ -119,7 +104,7 @@ class MllmPretrainConfig:
                          it classifies each coordinate into n bins over [0, image_size].
     min_cover:           a cell belongs to a shape when the shape covers at least this
                          fraction of its pixels (the most-covering shape wins), else background.
-    model:               keyword arguments of `lenslib.mllm.toy_qwen_config` (unused with
+    model:               keyword arguments of `lenslib.toy.models.toy_qwen_config` (unused with
                          `init_from`: the saved model keeps its architecture).
     world, world_seed:   the toy world (train split for training, val for evaluation).
     seed:                torch seed of the initial weights (and of the DenseHead).
@@ -346,11 +331,7 @@ def target_kind(sample: SegSample) -> str:
 
 def learning_rate_factor(step: int, cfg: MllmPretrainConfig) -> float:
     """Linear warm-up over `warmup_steps`, then cosine decay from 1 to `min_lr_ratio`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+    return warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -566,36 +547,6 @@ def save_toy_mllm(
     processor.save_pretrained(directory)
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2))
     return directory
-
-
-def load_toy_mllm(
-    device: str | torch.device = "cpu", directory: str | Path = TOY_MLLM_DIR
-) -> tuple[Qwen2_5_VLForConditionalGeneration, ProcessorMixin]:
-    """The pretrained toy Qwen2.5-VL (lenslib/assets/toy/mllm/) in float32, and its processor."""
-    directory = Path(directory)
-    if not (directory / "config.json").is_file() or not (directory / INFO_FILE).is_file():
-        raise FileNotFoundError(
-            f"no pretrained toy MLLM in {directory} (config.json / {INFO_FILE} missing); "
-            "make one with `python -m lenslib.pretrain_mllm --out <dir>`"
-        )
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(directory)
-    processor.tokenizer.padding_side = "left"
-    return model.to(device).eval(), processor
-
-
-def world_config_from_dict(values: dict) -> ToyWorldConfig:
-    """A ToyWorldConfig from its json form (lists back to the tuples the dataclass uses)."""
-    return ToyWorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def toy_mllm_world(directory: str | Path = TOY_MLLM_DIR) -> ToyWorld:
-    """The toy world the saved toy MLLM was pretrained on (from its pretrain.json)."""
-    path = Path(directory) / INFO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `python -m lenslib.pretrain_mllm`")
-    config = json.loads(path.read_text())["config"]
-    return ToyWorld(world_config_from_dict(config["world"]), seed=config["world_seed"])
 
 
 # ----------------------------------------------------------------------------- CLI
