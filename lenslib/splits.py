@@ -11,6 +11,7 @@ Benchmarks are named by *split specs*, ``<dataset>:<split>[@N]``::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lenslib.data.groundingsuite import GroundingSuiteDataset
 from lenslib.data.reasonseg import ReasonSegDataset
-from lenslib.data.refer import ReferDataset
+from lenslib.data.refer import ReferDataset, count_warning, expected_count
 from lenslib.data.sample import SegSample
 from lenslib.evaluate import evaluate
 from lenslib.model import LensModel
@@ -94,9 +95,9 @@ def eval_dataset(
 
     Toy splits have `preset.toy_val_size` samples unless ``@N`` asks for N. The defaults follow
     LISA's evaluation, which gives the reported numbers: ReasonSeg uses the first query of
-    each image (``reasonseg_texts="all"``: every query) and RefCOCO/+/g keep refs with an
-    empty segmentation as all-zero masks (``empty_masks="skip"``: leave them out, the
-    training loader's default).
+    each image (``reasonseg_texts="all"``: every query), and samples with an empty
+    segmentation are kept as all-zero masks (``empty_masks="skip"``: leave them out, the
+    training loaders' default).
     """
     parsed = parse_spec(spec, preset)
     if parsed.dataset == "toy":
@@ -104,7 +105,9 @@ def eval_dataset(
     if parsed.dataset == "groundingsuite":
         data = GroundingSuiteDataset(parsed.split)
     elif parsed.dataset == "reasonseg":
-        data = ReasonSegDataset(preset.data_root, parsed.split, texts=reasonseg_texts)
+        data = ReasonSegDataset(
+            preset.data_root, parsed.split, texts=reasonseg_texts, empty_masks=empty_masks
+        )
     else:
         data = ReferDataset(preset.data_root, parsed.dataset, parsed.split, empty_masks=empty_masks)
     if parsed.limit is None or parsed.limit >= len(data):
@@ -134,5 +137,24 @@ def evaluate_splits(
     results = {}
     for spec in tqdm(specs, desc="evaluating splits", unit="split", disable=not main):
         samples = eval_dataset(spec, preset)
+        if main:
+            check_count(spec, samples, preset)
         results[spec] = evaluate(model, samples, batch_size, tokens, accelerator)
     return results
+
+
+def check_count(spec: str, samples: Sequence[SegSample], preset: Preset) -> str | None:
+    """Print a whole benchmark split's sample count next to the count the LISA protocol
+    evaluates (RefCOCO/+/g), and warn when they differ: published cIoU is over those samples.
+    Returns the warning, or None."""
+    parsed = parse_spec(spec, preset)
+    expected = expected_count(parsed.dataset, parsed.split)
+    if expected is None or parsed.limit is not None:
+        return None
+    print(f"{spec}: {len(samples):,} samples (LISA protocol: {expected:,})")
+    message = count_warning(
+        parsed.dataset, parsed.split, len(samples), skipped=getattr(samples, "skipped", None)
+    )
+    if message:
+        warnings.warn(message, stacklevel=2)
+    return message

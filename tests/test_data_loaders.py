@@ -20,10 +20,10 @@ from lenslib.data.groundingsuite import GroundingSuiteDataset
 from lenslib.data.io import DataError, SkipLog, image_size, read_rgb
 from lenslib.data.masks import (
     check_box,
-    fill_labelled_polygons,
     mask_to_box,
     mask_to_polygons,
     mask_to_rle,
+    paint_polygons_like_lisa,
     polygons_to_mask,
     rle_string_to_counts,
     rle_to_mask,
@@ -186,12 +186,13 @@ def test_boxes():
             check_box(bad, H, W)
 
 
-def test_fill_paints_the_largest_polygon_first():
-    target = [0.0, 0.0, 20.0, 0.0, 20.0, 20.0, 0.0, 20.0]
-    hole = [5.0, 5.0, 10.0, 5.0, 10.0, 10.0, 5.0, 10.0]
-    mask = fill_labelled_polygons([(hole, 255), (target, 1)], H, W)  # file order: hole first
+def test_paint_like_lisa_paints_the_largest_shape_first():
+    target = [[0, 0], [19, 0], [19, 19], [0, 19]]
+    hole = [[5, 5], [9, 5], [9, 9], [5, 9]]
+    mask = paint_polygons_like_lisa([(hole, 255), (target, 1)], H, W)  # file order: hole first
     assert mask[7, 7] == 255 and mask[1, 1] == 1 and mask[1, 25] == 0
-    mask = fill_labelled_polygons([(target, 255), (hole, 1)], H, W)
+    assert (mask == 255).sum() == 25 and (mask == 1).sum() == 400 - 25  # boundary included
+    mask = paint_polygons_like_lisa([(target, 255), (hole, 1)], H, W)
     assert mask[7, 7] == 1 and mask[1, 1] == 255
     assert label_value("flag") is None and label_value("Ignore_2") == 255
     assert label_value("target") == 1
@@ -335,11 +336,6 @@ def _bad_refer(tmp_path: Path, ann: dict, image: dict | None = None, **kwargs) -
             {"id": 1, "file_name": "a.png", "height": H + 1, "width": W},
             "image_size_mismatch",
         ),
-        (
-            {"id": 10, "image_id": 1, "segmentation": [[2, 3, 70, 3, 70, 9]]},
-            None,
-            "polygon_outside_image",
-        ),
         ({"id": 10, "image_id": 1, "segmentation": []}, None, "empty_segmentation"),
         (
             {"id": 10, "image_id": 1, "segmentation": {"size": [H, W], "counts": [3]}},
@@ -347,14 +343,19 @@ def _bad_refer(tmp_path: Path, ann: dict, image: dict | None = None, **kwargs) -
             "invalid_segmentation",
         ),
         (
-            {"id": 10, "image_id": 1, "segmentation": [[1, 2, 3, 4, 5]]},
+            {"id": 10, "image_id": 1, "segmentation": [[1, 2, 3, 4, 5]]},  # 2 vertices: no area
+            None,
+            "empty_segmentation",
+        ),
+        (
+            {"id": 10, "image_id": 1, "segmentation": [[2, 3, "x", 3, 7, 9]]},
             None,
             "invalid_segmentation",
         ),
         (
-            {"id": 10, "image_id": 1, "segmentation": [RECT], "bbox": [0, 0, 99, 4]},
+            {"id": 10, "image_id": 1, "segmentation": [[2, 3, 7, 3, 7, float("nan")]]},
             None,
-            "invalid_box",
+            "invalid_segmentation",
         ),
     ],
 )
@@ -431,8 +432,8 @@ def test_reasonseg_samples_per_text_with_ignore_pixels(tmp_path):
     sample = data[0]
     assert sample.text == "What keeps the rain off?" and data[1].text == "the umbrella"
     assert sample.mask[3, 3] == 255 and sample.mask[0, 0] == 1 and sample.mask[15, 20] == 0
-    assert (sample.mask == 1).sum() == 12 * 10 - 4
-    assert sample.box == (0.0, 0.0, 12.0, 10.0)
+    assert (sample.mask == 1).sum() == 13 * 11 - 9  # OpenCV paints the boundary pixels too
+    assert sample.box == (0.0, 0.0, 13.0, 11.0)
     assert sample.meta["is_sentence"] is True and sample.sample_id == "reasonseg/val/img1/0"
     assert len(ReasonSegDataset(tmp_path, "val", texts="first")) == 1  # LISA's evaluation
 
@@ -450,11 +451,10 @@ def test_reasonseg_reads_cp1252_json(tmp_path):
     [
         (json.dumps(GOOD)[:-15], "invalid_json"),
         (dict(GOOD, text=[]), "no_text"),
-        (dict(GOOD, shapes=[{"label": "target", "points": [[0, 0], [5, 5]]}]), "invalid_shapes"),
-        (
-            dict(GOOD, shapes=[{"label": "target", "points": _points([0, 0, 90, 0, 9, 9])}]),
-            "polygon_outside_image",
-        ),
+        (dict(GOOD, shapes=[{"label": "target", "points": []}]), "invalid_shapes"),
+        (dict(GOOD, shapes=[{"label": "target", "points": [[0, 0, 1]]}]), "invalid_shapes"),
+        (dict(GOOD, shapes=[{"label": "target", "points": [[0, "a"], [5, 5]]}]), "invalid_shapes"),
+        (dict(GOOD, shapes=[{"label": 3, "points": [[0, 0], [5, 5]]}]), "invalid_shapes"),
         (dict(GOOD, shapes=[GOOD["shapes"][1]]), "empty_mask"),
         (
             dict(

@@ -272,3 +272,14 @@ def test_teacher_forced_metrics_segment_from_the_ground_truth_answers(monkeypatc
     assert metrics["count"] == 3 and 0 <= metrics["ciou"] <= 1
     with pytest.raises(ValueError, match="2 answers for 3 samples"):
         evaluate_answers(model, samples, seen[:2])
+
+
+def test_a_whole_benchmark_split_is_counted_against_the_lisa_protocol(data, capsys):
+    preset, _, _ = data
+    samples = eval_dataset("refcoco:val", preset)
+    with pytest.warns(UserWarning, match="LISA protocol evaluates 10,834"):
+        message = sp.check_count("refcoco:val", samples, preset)
+    assert f"{len(samples):,} samples loaded" in message
+    assert "refcoco:val: 3 samples (LISA protocol: 10,834)" in capsys.readouterr().out
+    assert sp.check_count("refcoco:val@2", samples, preset) is None  # a subset is not compared
+    assert sp.check_count("toy:val", [], TOY) is None  # no published count

@@ -1,4 +1,8 @@
-"""GroundingSuite-Eval (GSEval): 3,800 referring expressions on COCO unlabeled2017 images.
+"""GroundingSuite-Eval (GSEval): referring expressions on COCO unlabeled2017 images.
+
+The public ``GroundingSuite-Eval.jsonl`` has 3,715 lines (its README speaks of 3,800), all
+with a compressed RLE of the image's size, a non-empty mask and a box inside the image, so
+this loader skips none of them when the images are all there.
 
 One JSON object per line of ``GroundingSuite-Eval.jsonl``::
 
@@ -12,6 +16,8 @@ One JSON object per line of ``GroundingSuite-Eval.jsonl``::
 jsonl file). ``segmentation`` may also be a list of RLEs, merged with a union. The sample text
 is the ``caption`` (LENS evaluates with it); ``text_field="label"`` uses the short phrase.
 The box is the file's box (floats, corners); a record without one gets the mask's tight box.
+``empty_masks="keep"`` keeps records whose mask is empty (GroundingSuite's own evaluation
+scores them); the default ``"skip"`` leaves them out (counted as "empty_segmentation").
 
 Bad input, decided case by case:
 
@@ -54,8 +60,12 @@ class GroundingSuiteDataset:
         *,
         text_field: str = "caption",
         box_tolerance: float = 1.0,
+        empty_masks: str = "skip",
         strict: bool = False,
     ) -> None:
+        if empty_masks not in ("skip", "keep"):
+            raise ValueError(f"empty_masks must be 'skip' or 'keep', got {empty_masks!r}")
+        self.empty_masks = empty_masks
         self.jsonl_path = Path(jsonl_path)
         if not self.jsonl_path.is_file():
             raise DataError(f"{self.jsonl_path}: GroundingSuite jsonl file not found")
@@ -103,7 +113,7 @@ class GroundingSuiteDataset:
             area = segmentation_area(record["segmentation"], height, width)
         except (ValueError, TypeError, KeyError) as err:
             return self._log.skip("invalid_segmentation", f"{where}: {err}")
-        if area == 0:
+        if area == 0 and self.empty_masks == "skip":
             return self._log.skip("empty_segmentation", f"{where}: the mask is empty")
         if "box" in record:
             try:
@@ -123,7 +133,10 @@ class GroundingSuiteDataset:
         if image.shape[:2] != (height, width):
             raise DataError(f"{path}: decoded size changed since indexing ({sample_id})")
         mask = segmentation_to_mask(record["segmentation"], height, width)
-        box = tuple(float(v) for v in record["box"]) if "box" in record else mask_to_box(mask)
+        if "box" in record:
+            box = tuple(float(v) for v in record["box"])
+        else:
+            box = mask_to_box(mask) or (0.0, 0.0, 0.0, 0.0)
         return SegSample(
             image=image,
             text=record[self.text_field].strip(),

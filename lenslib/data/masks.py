@@ -1,12 +1,16 @@
 """Masks and boxes: the annotation formats of the referring-segmentation data sets.
 
-Three ways a data set stores "which pixels are the object":
+Four ways a data set stores "which pixels are the object":
 
-* **Polygons** (COCO ``iscrowd=0``, ReasonSeg): a flat list ``[x1, y1, x2, y2, ...]`` of vertex
+* **Polygons** (COCO ``iscrowd=0``): a flat list ``[x1, y1, x2, y2, ...]`` of vertex
   coordinates in pixels; one object may have several polygons (its visible parts). Coordinates
   are pixel *edges*: the square ``[0, 0, 1, 0, 1, 1, 0, 1]`` covers exactly the first pixel.
-  pycocotools rasterises them (``frPyObjects`` then ``decode``); we merge the parts with a
-  union (LISA sums them, which gives the value 2 where two parts overlap).
+  pycocotools rasterises them (``frPyObjects`` then ``decode``), clipping what lies outside
+  the image; we merge the parts with a union (LISA sums them, which gives the value 2 where
+  two parts overlap).
+* **LabelMe polygons** (ReasonSeg): ``points`` [[x, y], ...] that LISA paints with OpenCV on
+  int32 vertices, boundary pixels included (`paint_polygons_like_lisa`); we paint them the
+  same way, so ReasonSeg masks equal LISA's ground truth pixel for pixel.
 * **RLE** (run-length encoding, COCO ``iscrowd=1``, GroundingSuite): the mask is read in
   column-major order and stored as alternating run lengths of 0s and 1s, ``{"size": [h, w],
   "counts": [...]}`` ("uncompressed") or with ``counts`` packed into a string ("compressed").
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -45,14 +50,6 @@ def check_polygon(polygon: Sequence[float]) -> None:
         raise ValueError(f"polygon needs at least 3 vertices, got {len(polygon) // 2}")
     if not all(np.isfinite(float(v)) for v in polygon):
         raise ValueError("polygon has a non-finite coordinate")
-
-
-def polygon_inside(polygon: Sequence[float], height: int, width: int, tolerance: float) -> bool:
-    """True if every vertex lies within the image, allowing `tolerance` pixels outside."""
-    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-    inside_x = (xy[:, 0] >= -tolerance) & (xy[:, 0] <= width + tolerance)
-    inside_y = (xy[:, 1] >= -tolerance) & (xy[:, 1] <= height + tolerance)
-    return bool(np.all(inside_x & inside_y))
 
 
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> dict:
@@ -213,25 +210,74 @@ def segmentation_area(segmentation: list | dict, height: int, width: int) -> int
     raise ValueError("segmentation mixes polygons and RLEs")
 
 
-# ----------------------------------------------------------------------------- ReasonSeg fill
+# ---------------------------------------------------------------------- ReasonSeg (OpenCV)
 
 
-def fill_labelled_polygons(
-    polygons: Sequence[tuple[Sequence[float], int]], height: int, width: int
-) -> np.ndarray:
-    """Paint (polygon, value) pairs into one mask, the largest polygon first (LISA protocol).
+def lisa_vertices(points: object) -> np.ndarray:
+    """LabelMe ``points`` [[x, y], ...] as the (N, 2) int32 vertices LISA paints with OpenCV.
 
-    Smaller regions are painted last, so an "ignore" hole (value 255) inside a target (1)
-    survives, and so does a small target inside a large ignore region. The LISA code
-    rasterises with OpenCV (integer vertices plus a 1-pixel outline); pycocotools is used
-    here, so boundaries can differ from LISA's by about a pixel.
+    Like LISA's ``np.array(points, dtype=np.int32)``, coordinates are truncated toward zero
+    (2.9 -> 2, -0.5 -> 0). ValueError for what OpenCV cannot paint: no point, points that are
+    not (x, y) pairs, non-finite or out-of-int32 coordinates.
     """
-    rles = [polygons_to_rle([polygon], height, width) for polygon, _ in polygons]
-    areas = [int(mask_utils.area(rle)) for rle in rles]
+    try:
+        xy = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"points are not numbers ({err})") from err
+    if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) == 0:
+        raise ValueError(f"points must be a non-empty list of [x, y] pairs, got shape {xy.shape}")
+    if not np.all(np.isfinite(xy)) or np.any(np.abs(xy) >= 2**31):
+        raise ValueError("points have a non-finite or out-of-range coordinate")
+    return xy.astype(np.int32)
+
+
+def _paint_lisa(mask: np.ndarray, vertices: np.ndarray, value: int) -> None:
+    """One closed outline of thickness 1, then the filled interior (both 8-connected)."""
+    polygon = vertices.reshape(1, -1, 2)
+    cv2.polylines(mask, polygon, True, int(value), 1)
+    cv2.fillPoly(mask, polygon, int(value))
+
+
+def paint_polygons_like_lisa(
+    shapes: Sequence[tuple[object, int]], height: int, width: int
+) -> np.ndarray:
+    """Paint (points, value) shapes into one (H, W) uint8 mask exactly as LISA's ReasonSeg loader.
+
+    Vertices go through `lisa_vertices` (int32, truncated); each shape is an OpenCV outline of
+    thickness 1 plus ``fillPoly``, so the painted region includes the boundary pixels and is
+    clipped to the image. Shapes are painted largest first, the area being the pixel count of
+    the shape painted alone, ordered by ``np.argsort(areas)[::-1]`` as in LISA (so shapes of
+    equal area are ordered as numpy's sort leaves them, not by file order). Smaller
+    regions painted last survive: an "ignore" hole (255) inside a target (1), or a small
+    target inside a large ignore region. pycocotools, which reads vertices as pixel edges at
+    sub-pixel precision, paints the same points up to about a pixel smaller along the edges.
+
+    OpenCV 4.11 changed how ``fillPoly`` rasterises edges (often one pixel along a slanted
+    edge): LISA used OpenCV 4.8, which 4.10 matches pixel for pixel, hence the ``<4.11`` pin.
+    """
+    polygons = [(lisa_vertices(points), value) for points, value in shapes]
+    areas = []
+    for vertices, _ in polygons:
+        alone = np.zeros((height, width), dtype=np.uint8)
+        _paint_lisa(alone, vertices, 1)
+        areas.append(alone.sum())
     mask = np.zeros((height, width), dtype=np.uint8)
-    for i in sorted(range(len(rles)), key=lambda j: -areas[j]):  # stable: ties keep file order
-        mask[mask_utils.decode(rles[i]) == 1] = polygons[i][1]
+    for i in np.argsort(areas)[::-1]:
+        _paint_lisa(mask, *polygons[int(i)])
     return mask
+
+
+def mask_to_lisa_polygons(mask: np.ndarray) -> list[list[list[int]]]:
+    """Points lists that `paint_polygons_like_lisa` paints back to the 0/1 mask exactly.
+
+    The rectangles of `mask_to_polygons` with their vertices on the centres of the corner
+    pixels (OpenCV paints the boundary pixels), as LabelMe ``points`` [[x, y], ...].
+    """
+    shapes = []
+    for x0, y0, x1, _, _, y1, _, _ in mask_to_polygons(mask):
+        left, top, right, bottom = int(x0), int(y0), int(x1) - 1, int(y1) - 1
+        shapes.append([[left, top], [right, top], [right, bottom], [left, bottom]])
+    return shapes
 
 
 # -------------------------------------------------------------------------------------- boxes
@@ -257,6 +303,13 @@ def xyxy_to_xywh(box: Sequence[float]) -> Box:
     return (x1, y1, x2 - x1, y2 - y1)
 
 
+def clip_box(box: Sequence[float], height: int, width: int) -> Box:
+    """Corners (x1, y1, x2, y2) clipped to the image ``[0, width] x [0, height]``."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w, h = float(width), float(height)
+    return (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
+
+
 def check_box(box: Sequence[float], height: int, width: int, tolerance: float = 1.0) -> None:
     """Raise ValueError unless `box` is 4 finite corners, ordered, inside the image (+ tolerance)."""
     if len(box) != 4 or not all(np.isfinite(float(v)) for v in box):
@@ -274,11 +327,13 @@ __all__ = [
     "check_box",
     "check_polygon",
     "check_rle",
-    "fill_labelled_polygons",
+    "clip_box",
+    "lisa_vertices",
     "mask_to_box",
+    "mask_to_lisa_polygons",
     "mask_to_polygons",
     "mask_to_rle",
-    "polygon_inside",
+    "paint_polygons_like_lisa",
     "polygons_to_mask",
     "polygons_to_rle",
     "rle_string_to_counts",

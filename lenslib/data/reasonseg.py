@@ -15,23 +15,26 @@ Each image has a same-name JSON file in a LabelMe-like format::
                 {"label": "ignore", "points": [...]},
                 {"label": "flag", ...}]}
 
-The mask is painted from the polygons, the largest first (`fill_labelled_polygons`):
-label "flag" is a deprecated marker and skipped, a label containing "ignore" paints 255
-(ignored by metrics and losses), any other label paints 1. Some files are not UTF-8; like
-LISA we fall back to cp1252.
+The mask is painted as LISA paints it (`paint_polygons_like_lisa`): OpenCV on int32
+vertices, boundary pixels included, the largest shape first; label "flag" is a deprecated
+marker and skipped, a label containing "ignore" paints 255 (ignored by metrics and losses),
+any other label paints 1. Vertices outside the image are clipped; a shape of one or two
+points paints a dot or a line, as in LISA. Some files are not UTF-8; like LISA we fall back
+to cp1252.
 
 ``texts="all"`` (default) gives one sample per query; ``texts="first"`` keeps only the first
 query of each image, which is what LISA's evaluation (and so the reported ReasonSeg numbers)
-uses.
+uses. ``empty_masks="keep"`` keeps images whose mask has no target pixel (LISA's evaluation
+keeps them); the default ``"skip"`` leaves them out (counted as "empty_mask").
 
 Bad input, decided case by case:
 
 * unknown split, missing ``ReasonSeg/<split>`` folder: ``DataError`` at once.
 * one bad image/JSON pair (JSON missing, truncated or invalid; image missing or unreadable
-  header; no "text"/"shapes"; a polygon with fewer than 3 points or vertices more than
-  ``polygon_tolerance`` px outside the image; no target pixel left): skipped at construction,
-  counted by reason in ``.skipped`` (messages in ``.skip_details``), one warning;
-  ``strict=True`` raises ``DataError`` instead. An empty query string is skipped the same way.
+  header; no "text"/"shapes"; a shape OpenCV cannot paint: no points, points that are not
+  [x, y] pairs or not finite numbers): skipped at construction, counted by reason in
+  ``.skipped`` (messages in ``.skip_details``), one warning; ``strict=True`` raises
+  ``DataError`` instead. An empty query string is skipped the same way.
 * an image that cannot be decoded when read: ``DataError`` naming the file.
 """
 
@@ -42,16 +45,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from lenslib.data.io import DataError, SkipLog, image_size, read_rgb
-from lenslib.data.masks import (
-    check_polygon,
-    fill_labelled_polygons,
-    mask_to_box,
-    polygon_inside,
-    polygons_to_rle,
-)
+from lenslib.data.masks import lisa_vertices, mask_to_box, paint_polygons_like_lisa
 from lenslib.data.sample import IGNORE_LABEL, SegSample
 
 REASONSEG_SPLITS = ("train", "val", "test")
@@ -84,18 +80,15 @@ class _Record:
     json_path: Path
     height: int
     width: int
-    polygons: list[tuple[list[float], int]]  # (flat polygon, mask value)
+    polygons: list[tuple[np.ndarray, int]]  # ((N, 2) int32 vertices, mask value)
     text: str
     text_index: int
     is_sentence: bool
 
 
-class _Outside(ValueError):
-    """A polygon vertex lies outside the image."""
-
-
-def parse_shapes(shapes: object, height: int, width: int, tolerance: float) -> list:
-    """[(flat polygon, value)] from a "shapes" list; ValueError naming the bad shape."""
+def parse_shapes(shapes: object) -> list[tuple[np.ndarray, int]]:
+    """[((N, 2) int32 vertices, value)] from a "shapes" list, flags left out; ValueError
+    naming the first shape that cannot be painted."""
     if not isinstance(shapes, list):
         raise ValueError("'shapes' must be a list")
     polygons = []
@@ -106,21 +99,15 @@ def parse_shapes(shapes: object, height: int, width: int, tolerance: float) -> l
         if value is None:
             continue
         try:
-            flat = [float(v) for point in shape["points"] for v in point]
-            check_polygon(flat)
-        except (KeyError, TypeError, ValueError) as err:
+            polygons.append((lisa_vertices(shape["points"]), value))
+        except (KeyError, ValueError) as err:
             raise ValueError(f"shape {k} ({shape['label']!r}): bad 'points': {err}") from err
-        if not polygon_inside(flat, height, width, tolerance):
-            raise _Outside(f"shape {k} ({shape['label']!r}) has a vertex outside the image")
-        polygons.append((flat, value))
     return polygons
 
 
-def has_target(polygons: list[tuple[list[float], int]], height: int, width: int) -> bool:
-    """True if the painted mask has a pixel of value 1 (cheap without ignore regions)."""
-    if all(value == 1 for _, value in polygons):
-        return any(mask_utils.area(polygons_to_rle([p], height, width)) > 0 for p, _ in polygons)
-    return bool(np.any(fill_labelled_polygons(polygons, height, width) == 1))
+def has_target(polygons: list[tuple[np.ndarray, int]], height: int, width: int) -> bool:
+    """True if the painted mask has a pixel of value 1."""
+    return bool(np.any(paint_polygons_like_lisa(polygons, height, width) == 1))
 
 
 class ReasonSegDataset:
@@ -135,14 +122,16 @@ class ReasonSegDataset:
         split: str = "val",
         *,
         texts: str = "all",
-        polygon_tolerance: float = 2.0,
+        empty_masks: str = "skip",
         strict: bool = False,
     ) -> None:
         if split not in REASONSEG_SPLITS:
             raise DataError(f"unknown ReasonSeg split {split!r}; expected {REASONSEG_SPLITS}")
         if texts not in ("all", "first"):
             raise ValueError(f"texts must be 'all' or 'first', got {texts!r}")
-        self.split, self.texts, self.tolerance = split, texts, polygon_tolerance
+        if empty_masks not in ("skip", "keep"):
+            raise ValueError(f"empty_masks must be 'skip' or 'keep', got {empty_masks!r}")
+        self.split, self.texts, self.empty_masks = split, texts, empty_masks
         self.folder = Path(root) / "ReasonSeg" / split
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: ReasonSeg split folder not found")
@@ -183,12 +172,10 @@ class ReasonSegDataset:
         if not isinstance(queries, list) or not queries:
             return self._log.skip("no_text", f"{json_path}: 'text' must be a non-empty list")
         try:
-            polygons = parse_shapes(annotation.get("shapes"), height, width, self.tolerance)
-        except _Outside as err:
-            return self._log.skip("polygon_outside_image", f"{json_path}: {err}")
+            polygons = parse_shapes(annotation.get("shapes"))
         except ValueError as err:
             return self._log.skip("invalid_shapes", f"{json_path}: {err}")
-        if not has_target(polygons, height, width):
+        if self.empty_masks == "skip" and not has_target(polygons, height, width):
             return self._log.skip("empty_mask", f"{json_path}: no target pixel")
         is_sentence = bool(annotation.get("is_sentence", False))
         for k, query in enumerate(queries[:1] if self.texts == "first" else queries):
@@ -208,12 +195,12 @@ class ReasonSegDataset:
         image = read_rgb(record.image_path, sample_id)
         if image.shape[:2] != (record.height, record.width):
             raise DataError(f"{record.image_path}: decoded size changed since indexing")
-        mask = fill_labelled_polygons(record.polygons, record.height, record.width)
+        mask = paint_polygons_like_lisa(record.polygons, record.height, record.width)
         return SegSample(
             image=image,
             text=record.text.strip(),
             mask=mask,
-            box=mask_to_box(mask, 1),
+            box=mask_to_box(mask, 1) or (0.0, 0.0, 0.0, 0.0),
             sample_id=sample_id,
             source="reasonseg",
             meta={

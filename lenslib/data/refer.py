@@ -23,23 +23,34 @@ annotation's segmentation (polygons merged) and its box the annotation's bbox as
 RefCOCO and RefCOCO+ are evaluated on val/testA/testB (testA: people, testB: other objects),
 RefCOCOg on val/test.
 
+Masks are decoded as LISA decodes them (pycocotools ``frPyObjects`` + ``decode``): parts of a
+polygon outside the image are clipped, and the sample is kept. A polygon with an odd number of
+coordinates loses the last one (pycocotools reads ``len // 2`` vertices); polygons with fewer
+than 3 vertices cover no pixel and are dropped (pycocotools would misread a 4-number polygon
+as a box). Where parts overlap LISA sums them (value 2); we take their union.
+
+The box is the annotation's bbox as corners, clipped to the image (LISA reads no bbox, so a
+bbox never drops a sample); a bbox that is not 4 finite numbers with w, h >= 0, or none, gives
+the mask's tight box instead.
+
 What the loader does with bad input (decided case by case):
 
 * unknown data set, ``split_by`` or split; missing, truncated or invalid ``refs(...).p`` or
   ``instances.json``: ``DataError`` naming the file at once (nothing can be loaded).
 * one bad ref (missing annotation or image entry, missing image file, image size not the one
-  in ``instances.json``, malformed segmentation, polygon vertices more than
-  ``polygon_tolerance`` pixels outside the image, an empty segmentation, a bad bbox, a
-  sentence without text): skipped at construction, counted by reason in ``.skipped`` with
-  messages in ``.skip_details``, and one warning; ``strict=True`` raises ``DataError`` instead.
-  Everything that can be checked without decoding pixels is checked up front, so an epoch
-  does not stop half way.
+  in ``instances.json``, a segmentation that cannot be decoded at all, an empty segmentation,
+  a sentence without text): skipped at construction, counted by reason in ``.skipped`` with
+  messages in ``.skip_details``, and one warning; ``strict=True`` raises ``DataError``
+  instead. Everything that can be checked without decoding pixels is checked up front, so an
+  epoch does not stop half way. (LISA stops with an error on a missing image, and evaluates a
+  sentence without text.)
 * an image that exists but cannot be decoded: ``DataError`` naming the file when the sample is
   read (only a full decode finds a truncated JPEG body).
-* polygons with fewer than 3 vertices cover no area and are dropped (pycocotools would
-  misread a 2-vertex polygon as a box).
 * ``empty_masks="keep"`` keeps refs with an empty segmentation as all-zero masks, as LISA's
   evaluation does; the default ``"skip"`` leaves them out (counted).
+
+`expected_count` and `count_warning` compare a loaded split with the number of samples the
+LISA protocol evaluates, so a report can say when its numbers are not comparable.
 
 The pickle format can run code when loaded: only load files from a source you trust.
 """
@@ -47,19 +58,18 @@ The pickle format can run code when loaded: only load files from a source you tr
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 from lenslib.data.io import DataError, SkipLog, image_size, read_rgb
 from lenslib.data.masks import (
-    check_box,
-    check_polygon,
+    Box,
+    clip_box,
     mask_to_box,
-    polygon_inside,
     segmentation_area,
     segmentation_to_mask,
-    xywh_to_xyxy,
 )
 from lenslib.data.sample import SegSample
 
@@ -71,6 +81,60 @@ SPLITS_BY = {
     "google": ("train", "val"),
 }
 IMAGE_DIR = Path("refer_seg/images/mscoco/images/train2014")
+
+# (data set, split) -> sentences the LISA protocol evaluates, with the default split_by
+# (unc for RefCOCO and RefCOCO+, umd for RefCOCOg). One sentence is one ReferDataset sample.
+LISA_SAMPLE_COUNTS: dict[tuple[str, str], int] = {
+    ("refcoco", "val"): 10_834,
+    ("refcoco", "testA"): 5_657,
+    ("refcoco", "testB"): 5_095,
+    ("refcoco+", "val"): 10_758,
+    ("refcoco+", "testA"): 5_726,
+    ("refcoco+", "testB"): 4_889,
+    ("refcocog", "val"): 4_896,
+    ("refcocog", "test"): 9_602,
+}
+
+
+def expected_count(dataset: str, split: str, *, split_by: str | None = None) -> int | None:
+    """Samples the LISA protocol evaluates on a split, or None where none is known.
+
+    The count is of *sentences*: LISA evaluates every sentence of every ref of the split, and
+    `ReferDataset` yields one sample per sentence, so ``len(ReferDataset(root, dataset,
+    split))`` compares like with like (a ref has one or more sentences: RefCOCO val has 3,811
+    refs and 10,834 sentences). None for train splits, another ``split_by`` than LISA's
+    (unc / umd) and data sets other than RefCOCO, RefCOCO+ and RefCOCOg.
+    """
+    if split_by is not None and split_by != DEFAULT_SPLIT_BY.get(dataset):
+        return None
+    return LISA_SAMPLE_COUNTS.get((dataset, split))
+
+
+def count_warning(
+    dataset: str,
+    split: str,
+    count: int,
+    *,
+    split_by: str | None = None,
+    skipped: Mapping[str, int] | None = None,
+) -> str | None:
+    """A message when `count` samples of a whole split differ from `expected_count`, else None.
+
+    Pass the length of the full loaded split (not of a ``@N`` subset) and, optionally, the
+    loader's ``.skipped`` counts, which the message then names. None also when no count is known.
+    """
+    expected = expected_count(dataset, split, split_by=split_by)
+    if expected is None or count == expected:
+        return None
+    difference = count - expected
+    message = (
+        f"{dataset}/{split}: {count:,} samples loaded, but the LISA protocol evaluates "
+        f"{expected:,} sentences ({abs(difference):,} {'fewer' if difference < 0 else 'more'}); "
+        "metrics on this split are not comparable with published numbers"
+    )
+    if skipped:
+        message += f"; the loader skipped {dict(skipped)}"
+    return message
 
 
 def refs_path(root: str | Path, dataset: str, split_by: str) -> Path:
@@ -118,22 +182,17 @@ def load_instances(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return images, anns
 
 
-def segmentation_problem(
-    segmentation: object, height: int, width: int, tolerance: float
-) -> tuple[str, str] | None:
-    """Why a COCO segmentation cannot give a valid mask: (reason, detail), or None if fine.
+def segmentation_problem(segmentation: object, height: int, width: int) -> tuple[str, str] | None:
+    """Why a COCO segmentation gives no mask: (reason, detail), or None if it is fine.
 
-    Checks the structure, polygon vertices (at most `tolerance` px outside the image) and RLE
-    runs, and measures the area without decoding pixels ("empty_segmentation" if 0).
+    "invalid_segmentation" if it cannot be decoded (malformed structure, a coordinate that is
+    not a finite number, a malformed RLE or one of another size), "empty_segmentation" if it
+    covers no pixel; measured on the RLE, without decoding pixels. Vertices outside the image
+    are fine: pycocotools clips them.
     """
     try:
         if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
-            segmentation = usable_polygons(segmentation)
-            for polygon in segmentation:
-                check_polygon(polygon)
-                if not polygon_inside(polygon, height, width, tolerance):
-                    message = f"a vertex lies outside the {width}x{height} image"
-                    return "polygon_outside_image", message
+            segmentation = coco_polygons(segmentation)
         area = segmentation_area(segmentation, height, width)
     except (ValueError, TypeError) as err:
         return "invalid_segmentation", str(err)
@@ -142,9 +201,35 @@ def segmentation_problem(
     return None
 
 
-def usable_polygons(polygons: list) -> list:
-    """Drop polygons with fewer than 3 vertices (no area; pycocotools reads 4 numbers as a box)."""
-    return [p for p in polygons if not (isinstance(p, list) and len(p) in (0, 2, 4))]
+def coco_polygons(polygons: list) -> list[list[float]]:
+    """The polygons pycocotools rasterises, as flat float lists; ValueError if not numbers.
+
+    pycocotools reads ``len(p) // 2`` vertices, so an odd last coordinate is dropped; polygons
+    with fewer than 3 vertices cover no pixel and are left out (pycocotools would read a
+    4-number polygon as a box).
+    """
+    usable = []
+    for k, polygon in enumerate(polygons):
+        try:
+            flat = [float(v) for v in polygon]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"polygon {k} has a coordinate that is not a number ({err})") from err
+        if not all(math.isfinite(v) for v in flat):
+            raise ValueError(f"polygon {k} has a non-finite coordinate")
+        if len(flat) >= 6:
+            usable.append(flat[: len(flat) // 2 * 2])
+    return usable
+
+
+def annotation_box(bbox: object, height: int, width: int) -> Box | None:
+    """A COCO bbox [x, y, w, h] as corners clipped to the image; None if it is not usable."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+        return None
+    return clip_box((x, y, x + w, y + h), height, width)
 
 
 class ReferDataset:
@@ -162,7 +247,6 @@ class ReferDataset:
         split_by: str | None = None,
         *,
         empty_masks: str = "skip",
-        polygon_tolerance: float = 2.0,
         check_images: bool = True,
         strict: bool = False,
     ) -> None:
@@ -180,7 +264,7 @@ class ReferDataset:
         if empty_masks not in ("skip", "keep"):
             raise ValueError(f"empty_masks must be 'skip' or 'keep', got {empty_masks!r}")
         self.root, self.dataset, self.split, self.split_by = Path(root), dataset, split, split_by
-        self.empty_masks, self.tolerance = empty_masks, polygon_tolerance
+        self.empty_masks = empty_masks
         self.image_dir = self.root / IMAGE_DIR
         self._log = SkipLog(f"{dataset}/{split}", strict=strict)
         self._refs_file = refs_path(root, dataset, split_by)
@@ -257,16 +341,11 @@ class ReferDataset:
 
     def _annotation_problem(self, ann: dict, info: dict) -> tuple[str, str] | None:
         height, width = int(info["height"]), int(info["width"])
-        problem = segmentation_problem(ann.get("segmentation"), height, width, self.tolerance)
+        problem = segmentation_problem(ann.get("segmentation"), height, width)
         if problem is not None and not (
             problem[0] == "empty_segmentation" and self.empty_masks == "keep"
         ):
             return problem[0], f"annotation {ann.get('id')}: {problem[1]}"
-        if "bbox" in ann:
-            try:
-                check_box(xywh_to_xyxy(ann["bbox"]), height, width, self.tolerance)
-            except (ValueError, TypeError) as err:
-                return "invalid_box", f"annotation {ann.get('id')}: {err}"
         return None
 
     def __len__(self) -> int:
@@ -285,14 +364,15 @@ class ReferDataset:
                 f"{path}: decoded size {image.shape[:2]} != {(height, width)} of {sample_id}"
             )
         segmentation = ann["segmentation"]
-        if isinstance(segmentation, list) and segmentation and isinstance(segmentation[0], list):
-            segmentation = usable_polygons(segmentation)
+        if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
+            segmentation = coco_polygons(segmentation)
         mask = segmentation_to_mask(segmentation, height, width)
+        box = annotation_box(ann.get("bbox"), height, width)
         return SegSample(
             image=image,
             text=sentence["sent"].strip(),
             mask=mask,
-            box=xywh_to_xyxy(ann["bbox"]) if "bbox" in ann else mask_to_box(mask) or (0, 0, 0, 0),
+            box=box if box is not None else mask_to_box(mask) or (0.0, 0.0, 0.0, 0.0),
             sample_id=sample_id,
             source=self.dataset,
             meta=_meta(self, ref, ann, info, sent_id, path),
@@ -318,8 +398,13 @@ def _meta(
 __all__ = [
     "DEFAULT_SPLIT_BY",
     "IMAGE_DIR",
+    "LISA_SAMPLE_COUNTS",
     "SPLITS_BY",
     "ReferDataset",
+    "annotation_box",
+    "coco_polygons",
+    "count_warning",
+    "expected_count",
     "instances_path",
     "load_instances",
     "load_refs",

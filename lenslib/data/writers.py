@@ -9,7 +9,8 @@ very same code (and tests can build small data sets in the real formats):
   ``segmentation="polygons"``, exact pixel-edge rectangles (``iscrowd=0``, like most COCO
   objects); both decode to the sample's mask exactly.
 * `write_reasonseg`: ``ReasonSeg/<split>/<name>.<ext>`` + ``<name>.json`` with the target as
-  "target" polygons and ignore pixels (255) as "ignore" polygons; exact too.
+  "target" polygons and ignore pixels (255) as "ignore" polygons, their vertices on pixel
+  centres so that LISA's OpenCV painting gives back the mask exactly.
 * `write_groundingsuite`: ``GroundingSuite-Eval.jsonl`` + ``images/<name>.<ext>``.
 * `write_toy_benchmarks`: all three from a `ToyWorld`, with the toy splits mapped onto each
   benchmark's split names.
@@ -31,7 +32,12 @@ import numpy as np
 from PIL import Image
 
 from lenslib.data.groundingsuite import GROUNDINGSUITE_FILE
-from lenslib.data.masks import mask_to_polygons, mask_to_rle, xyxy_to_xywh
+from lenslib.data.masks import (
+    mask_to_lisa_polygons,
+    mask_to_polygons,
+    mask_to_rle,
+    xyxy_to_xywh,
+)
 from lenslib.data.reasonseg import REASONSEG_SPLITS
 from lenslib.data.refer import DEFAULT_SPLIT_BY, IMAGE_DIR, SPLITS_BY, instances_path, refs_path
 from lenslib.data.sample import IGNORE_LABEL, SegSample
@@ -144,9 +150,9 @@ def write_reasonseg(
     for sample in samples:
         stem = file_stem(sample.sample_id)
         save_image(sample.image, folder / f"{stem}.{image_format}", image_format)
-        shapes = [_labelme_shape("target", p) for p in mask_to_polygons(sample.mask == 1)]
+        shapes = [_labelme_shape("target", p) for p in mask_to_lisa_polygons(sample.mask == 1)]
         shapes += [
-            _labelme_shape("ignore", p) for p in mask_to_polygons(sample.mask == IGNORE_LABEL)
+            _labelme_shape("ignore", p) for p in mask_to_lisa_polygons(sample.mask == IGNORE_LABEL)
         ]
         height, width = sample.mask.shape
         annotation = {
@@ -161,8 +167,7 @@ def write_reasonseg(
     return folder
 
 
-def _labelme_shape(label: str, polygon: list[float]) -> dict:
-    points = [[polygon[i], polygon[i + 1]] for i in range(0, len(polygon), 2)]
+def _labelme_shape(label: str, points: list[list[int]]) -> dict:
     return {"label": label, "points": points, "shape_type": "polygon"}
 
 
