@@ -33,6 +33,7 @@ from lenslib.training import (
     mean_seg_loss,
     run_stage,
     run_steps,
+    save_model,
     target_masks,
 )
 
@@ -133,10 +134,9 @@ def teacher_forced_metrics(
 
 
 def save_aligned(model: LensModel, folder: str | Path, accelerator: Accelerator) -> None:
-    """Save the stage-1 result as a LensModel folder (main process only)."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder)
+    """Save the stage-1 result as a LensModel folder (call on every process; the main one
+    writes, see `lenslib.training.save_model`)."""
+    save_model(model, folder, accelerator)
 
 
 def aligned_model(preset, folder: str | Path, accelerator: Accelerator) -> LensModel:
@@ -146,6 +146,11 @@ def aligned_model(preset, folder: str | Path, accelerator: Accelerator) -> LensM
 
     folder = Path(folder)
     if not (folder / "lens_config.json").exists():
+        if preset.mllm != "toy":  # a whole full-scale stage 1 is never what a typo should start
+            raise FileNotFoundError(
+                f"no aligned model in {folder} (no lens_config.json): pass --init the "
+                "output_dir/final folder of scripts/train_align.py"
+            )
         accelerator.print(f"no aligned model in {folder}: running stage 1 first")
         model = build_lens(preset, device=accelerator.device)
         train, val = train_val_data(preset)
@@ -153,4 +158,5 @@ def aligned_model(preset, folder: str | Path, accelerator: Accelerator) -> LensM
         train_alignment(model, train, val, cfg, accelerator)
         save_aligned(model, folder, accelerator)
     accelerator.wait_for_everyone()
-    return LensModel.from_pretrained(folder, device=accelerator.device)
+    dtype = torch.float32 if preset.mllm == "toy" else torch.bfloat16  # as `build_lens` loads it
+    return LensModel.from_pretrained(folder, device=accelerator.device, dtype=dtype)

@@ -17,7 +17,8 @@ the metrics work in the original image. `to_original_frame` converts.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -97,6 +98,50 @@ class Rollouts:
     texts: list[str]  # N decoded completions
     boxes: list[Box | None]  # N parsed boxes in ORIGINAL image pixels (None: no box)
     group_size: int
+
+
+def zero3_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 holds sharded right now (placeholders on this rank)."""
+    from_zero = [p for p in params if hasattr(p, "ds_id")]
+    if not from_zero:
+        return []
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in from_zero if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+
+
+@contextmanager
+def zero3_gathered(params: Iterable[nn.Parameter], engine=None) -> Iterator[None]:
+    """Whole parameters inside the block, under DeepSpeed ZeRO-3 (a no-op otherwise).
+
+    ZeRO-3 shards every parameter; a module's own shards are gathered only while DeepSpeed's
+    hooks run that module's `forward`. Code that reads parameters in any other way (generation,
+    evaluation before or after `prepare`, SAM's token embeddings read by `predict_masks`) must
+    gather them first. All ranks must enter together (it is a collective). `engine`: the
+    DeepSpeed engine the parameters belong to; its per-module hooks are taken off inside the
+    block (as TRL does for generation), so that one gather serves every decoding step instead
+    of each module re-gathering and releasing its weights on every token.
+    """
+    params = zero3_params(params)
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    with deepspeed.zero.GatheredParameters(params):
+        if offload is not None:
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            if offload is not None:
+                for p in offload.module.parameters():
+                    p.ds_active_sub_modules.clear()
+                offload.param_coordinator._invalidate_trace()
+                offload._register_deepspeed_module(offload.module)
 
 
 def mllm_input_sizes(image_grid_thw: Tensor) -> list[tuple[int, int]]:
@@ -219,7 +264,8 @@ class LensModel(nn.Module):
         batch = mllm_lib.append_completions(prompt, completion_ids.cpu(), completion_mask.cpu())
         batch = BatchFeature({k: v for k, v in batch.items() if k != "labels"}).to(self.device)
         readout = self.queries(self.mllm, batch, logits_to_keep=completion_ids.shape[1])
-        q_seg = self.connector(readout.queries.float())  # (N, K, D)
+        # the MLLM may run in bf16 and the connector in fp32 (or all in bf16 under DeepSpeed)
+        q_seg = self.connector(readout.queries.to(self.connector.proj[0].weight.dtype))
         mask_logits = self.segment_from_prompts(images, q_seg, group_size, boxes, features)
         return LensOutput(readout.logits, readout.queries, q_seg, mask_logits)
 
@@ -244,10 +290,13 @@ class LensModel(nn.Module):
                 [b if b is not None else (0, 0, s[1], s[0]) for b, s in zip(boxes, sizes)],
                 dtype=torch.float32,
             )  # a missing box falls back to the whole image
-        out = self.sam.decode(
-            features, context_tokens=q_seg, boxes=box_tensor, orig_sizes=sizes,
-            stability_fallback=self.cfg.stability_fallback and not self.training,
-        )  # fmt: skip
+        # ZeRO-3: SAM's token embeddings are read outside their modules' forward, so they are
+        # gathered here (their backward, through cat / expand, needs no weight values)
+        with zero3_gathered(self.sam.direct_parameters()):
+            out = self.sam.decode(
+                features, context_tokens=q_seg, boxes=box_tensor, orig_sizes=sizes,
+                stability_fallback=self.cfg.stability_fallback and not self.training,
+            )  # fmt: skip
         if isinstance(out.logits, Tensor):
             return out.logits[:, 0]  # (N, H, W)
         return [logit[0] for logit in out.logits]
@@ -314,13 +363,28 @@ class LensModel(nn.Module):
             for key, t in part.state_dict().items()
         }
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write `path/mllm/` (transformers), `path/lens.safetensors`, `path/lens_config.json`."""
+    def save_pretrained(
+        self, path: str | Path, state_dict: dict[str, Tensor] | None = None
+    ) -> None:
+        """Write `path/mllm/` (transformers), `path/lens.safetensors`, `path/lens_config.json`.
+
+        state_dict: the whole model's weights (keys "mllm.", "queries.", "connector.", "sam.")
+        when this module's own tensors are not the whole truth, e.g. sharded by DeepSpeed ZeRO-3:
+        `lenslib.training.save_model` gathers them with `accelerator.get_state_dict`."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.mllm.save_pretrained(path / "mllm")
+        if state_dict is None:
+            self.mllm.save_pretrained(path / "mllm")
+            lens_tensors = self.lens_state_dict()
+        else:
+            parts = {"mllm": {}, "lens": {}}
+            for key, t in state_dict.items():
+                part = "mllm" if key.startswith("mllm.") else "lens"
+                parts[part][key.removeprefix("mllm.")] = t.detach().cpu().contiguous()
+            self.mllm.save_pretrained(path / "mllm", state_dict=parts["mllm"])
+            lens_tensors = parts["lens"]
         self.processor.save_pretrained(path / "mllm")
-        save_file(self.lens_state_dict(), str(path / "lens.safetensors"))
+        save_file(lens_tensors, str(path / "lens.safetensors"))
         (path / "lens_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
 
     @classmethod

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from lenslib import grpo
 from lenslib.data.sample import SegSample
 from lenslib.mllm import append_completions, build_inputs, repeat_batch
-from lenslib.model import LensModel
+from lenslib.model import LensModel, zero3_gathered
 from lenslib.rewards import RewardWeights, box_reward, format_reward, seg_reward, unified_reward
 from lenslib.training import make_scheduler, mean_seg_loss, run_stage, run_steps, target_masks
 
@@ -88,11 +88,29 @@ class GRPOConfig:
         return cls(**(values | changes))
 
 
-def frozen_reference(model: LensModel) -> torch.nn.Module:
+def frozen_reference(model: LensModel, accelerator: Accelerator | None = None) -> torch.nn.Module:
     """pi_ref of eq. 9: a frozen copy of the MLLM at the start of stage 2 (only the MLLM's
-    token log-probs enter the KL, so the rest of LENS is not copied)."""
-    ref = copy.deepcopy(model.mllm).eval()
-    return ref.requires_grad_(False)
+    token log-probs enter the KL, so the rest of LENS is not copied).
+
+    Under DeepSpeed the copy is handed to DeepSpeed too, as TRL does (`prepare_deepspeed`): an
+    inference engine in the policy's precision, sharded under ZeRO-3 (copied from the gathered
+    weights), whole on every process otherwise (stage 0)."""
+    with zero3_gathered(model.mllm.parameters()):
+        ref = copy.deepcopy(model.mllm).eval()
+    ref.requires_grad_(False)
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None:
+        return ref
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    for training_only in ("optimizer", "scheduler"):
+        config.pop(training_only, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    if config["zero_optimization"]["stage"] != 3:
+        config["zero_optimization"]["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=ref, config=config)
+    return engine.eval()
 
 
 @torch.no_grad()
@@ -151,10 +169,12 @@ def grpo_step(
     clock = [time.perf_counter()]  # phase boundaries, for the time shares in the log
 
     # 1. rollouts: G sampled answers per prompt, in one batched call (rows a1..aG, b1..bG, ...)
-    rollouts = lens.generate(
-        images, texts, group_size=G, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-    )  # fmt: skip
+    #    (ZeRO-3: the weights are gathered once for the whole generation, not on every token)
+    with zero3_gathered(lens.parameters(), engine=model):
+        rollouts = lens.generate(
+            images, texts, group_size=G, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        )  # fmt: skip
     ids, mask = rollouts.completion_ids, rollouts.completion_mask  # (P*G, T)
     clock.append(time.perf_counter())
 
@@ -247,7 +267,7 @@ def train_grpo(
     on_log: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Run stage 2 from an aligned model; returns the log (one dict per step)."""
-    ref = frozen_reference(model) if cfg.beta != 0.0 else None
+    ref = frozen_reference(model, accelerator) if cfg.beta != 0.0 else None
     counts = model.set_stage("rl", train_vision_tower=cfg.train_vision_tower)
     accelerator.print(f"stage 2 trains {counts}")
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr)

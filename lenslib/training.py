@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedType
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -42,12 +44,37 @@ def make_accelerator(cpu: bool = False, log_dir: str | None = None) -> Accelerat
 
     find_unused_parameters: some SAM prompt-encoder embeddings (e.g. the box-corner ones) get
     no gradient when SAM is prompted by context tokens only; DDP must be told.
+
+    DeepSpeed (`accelerate launch` with configs/accelerate/zero2.yaml or zero3.yaml): our loops
+    make their own batches, so no DataLoader tells accelerate the micro-batch size DeepSpeed
+    insists on; it is set here (1 "sample" per step: each optimiser step is one backward).
+    On CPU, DeepSpeed runs with DS_ACCELERATOR=cpu, and then `cpu` must not be passed on:
+    accelerate would quietly drop DeepSpeed for plain DDP.
     """
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     log_with = "tensorboard" if log_dir else None
-    return Accelerator(
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if os.environ.get("DS_ACCELERATOR") != "cpu":
+            raise ValueError(
+                "DeepSpeed on CPU (--cpu) needs the environment variable DS_ACCELERATOR=cpu"
+            )
+        cpu = False  # DeepSpeed's CPU accelerator already places everything on the CPU
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if os.environ.get("DS_ACCELERATOR") == "cpu":
+            # accelerate knows no CPU backend for DeepSpeed: without one it counts ONE process
+            # (every rank is "main", none shards its data) while DeepSpeed talks over gloo
+            kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
         cpu=cpu, kwargs_handlers=kwargs, log_with=log_with, project_dir=log_dir or "."
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        accumulation = plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
+        if accumulation == "auto":
+            accumulation = accelerator.gradient_accumulation_steps
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+        plugin.deepspeed_config["train_batch_size"] = accumulation * accelerator.num_processes
+    return accelerator
 
 
 def epoch_batches(
@@ -136,6 +163,18 @@ def save_checkpoint(accelerator: Accelerator, folder: str | Path, state: TrainSt
         (path / "train_state.json").write_text(json.dumps(asdict(state)))
     accelerator.wait_for_everyone()
     return path
+
+
+def save_model(model: torch.nn.Module, folder: str | Path, accelerator: Accelerator) -> None:
+    """Save a (prepared) LensModel as a `LensModel.from_pretrained` folder. Call it on EVERY
+    process: under DeepSpeed ZeRO-3 each holds only a shard of every weight, and
+    `accelerator.get_state_dict` gathers them (a collective); the main process writes."""
+    accelerator.wait_for_everyone()
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    state = accelerator.get_state_dict(model) if deepspeed else None
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state)
+    accelerator.wait_for_everyone()
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
