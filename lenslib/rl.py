@@ -110,7 +110,8 @@ def frozen_reference(model: LensModel, accelerator: Accelerator | None = None) -
     if config["zero_optimization"]["stage"] != 3:
         config["zero_optimization"]["stage"] = 0
     engine, *_ = deepspeed.initialize(model=ref, config=config)
-    return engine.eval()
+    engine.eval()  # (DeepSpeedEngine.eval returns None, not the engine)
+    return engine
 
 
 @torch.no_grad()
