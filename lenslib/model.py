@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -72,8 +72,7 @@ class LensConfig:
         return SamConfig(**fields)
 
 
-@dataclass
-class LensOutput:
+class LensOutput(NamedTuple):
     """What one `forward_completions` gives for N rows (N = prompts x rollouts).
 
     logits:      (N, T, V) next-token logits of the T completion tokens.
@@ -81,6 +80,8 @@ class LensOutput:
     prompts:     (N, K, D) Q_seg (eq. 3), K = M or 1, D = SAM's prompt width.
     mask_logits: (N, H, W) P_seg (eq. 4) at the original image size (mask = logits > 0),
                  or a list of (H_i, W_i) when the images differ in size.
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 must see the tensors a module returns
+    to gather its weights again for the backward pass.
     """
 
     logits: Tensor
@@ -111,7 +112,9 @@ def zero3_params(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
 
 
 @contextmanager
-def zero3_gathered(params: Iterable[nn.Parameter], engine=None) -> Iterator[None]:
+def zero3_gathered(
+    params: Iterable[nn.Parameter], engine=None, fwd_module: nn.Module | None = None
+) -> Iterator[None]:
     """Whole parameters inside the block, under DeepSpeed ZeRO-3 (a no-op otherwise).
 
     ZeRO-3 shards every parameter; a module's own shards are gathered only while DeepSpeed's
@@ -120,7 +123,9 @@ def zero3_gathered(params: Iterable[nn.Parameter], engine=None) -> Iterator[None
     gather them first. All ranks must enter together (it is a collective). `engine`: the
     DeepSpeed engine the parameters belong to; its per-module hooks are taken off inside the
     block (as TRL does for generation), so that one gather serves every decoding step instead
-    of each module re-gathering and releasing its weights on every token.
+    of each module re-gathering and releasing its weights on every token. `fwd_module`: a
+    module being run by the engine that uses the parameters; DeepSpeed then gathers them for
+    its backward pass too (`deepspeed.zero.register_external_parameter`).
     """
     params = zero3_params(params)
     if not params:
@@ -129,7 +134,7 @@ def zero3_gathered(params: Iterable[nn.Parameter], engine=None) -> Iterator[None
     import deepspeed
 
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    with deepspeed.zero.GatheredParameters(params):
+    with deepspeed.zero.GatheredParameters(params, fwd_module=fwd_module):
         if offload is not None:
             for hook in offload.forward_hooks + offload.backward_hooks:
                 hook.remove()
@@ -140,7 +145,8 @@ def zero3_gathered(params: Iterable[nn.Parameter], engine=None) -> Iterator[None
             if offload is not None:
                 for p in offload.module.parameters():
                     p.ds_active_sub_modules.clear()
-                offload.param_coordinator._invalidate_trace()
+                if not offload.param_coordinator.is_invalid_trace():  # the module order changed
+                    offload.param_coordinator._invalidate_trace()
                 offload._register_deepspeed_module(offload.module)
 
 
@@ -278,8 +284,14 @@ class LensModel(nn.Module):
         features: SamFeatures | None = None,
     ) -> Tensor | list[Tensor]:
         """Eq. 4: SAM's masks for N = P*G rows of prompt tokens (N, K, D) -> (N, H, W) logits."""
+        # ZeRO-3: SAM's code reads some weights (`direct_parameters`) outside their modules'
+        # forward, so they are gathered here, and registered on this module so that DeepSpeed
+        # gathers them again for the backward pass
+        gathered = zero3_gathered(self.sam.direct_parameters(), fwd_module=self)
         if features is None:
-            features = self.sam.encode(images)  # (P, ...) frozen, cached
+            with gathered:
+                features = self.sam.encode(images)  # (P, ...) frozen, cached
+            gathered = zero3_gathered(self.sam.direct_parameters(), fwd_module=self)
         if group_size > 1 or len(features) != len(q_seg):
             rows = [i for i in range(len(images)) for _ in range(group_size)]
             features = SamFeatures.cat([features.select(i) for i in rows])
@@ -290,9 +302,7 @@ class LensModel(nn.Module):
                 [b if b is not None else (0, 0, s[1], s[0]) for b, s in zip(boxes, sizes)],
                 dtype=torch.float32,
             )  # a missing box falls back to the whole image
-        # ZeRO-3: SAM's token embeddings are read outside their modules' forward, so they are
-        # gathered here (their backward, through cat / expand, needs no weight values)
-        with zero3_gathered(self.sam.direct_parameters()):
+        with gathered:
             out = self.sam.decode(
                 features, context_tokens=q_seg, boxes=box_tensor, orig_sizes=sizes,
                 stability_fallback=self.cfg.stability_fallback and not self.training,

@@ -170,10 +170,15 @@ def save_model(model: torch.nn.Module, folder: str | Path, accelerator: Accelera
     process: under DeepSpeed ZeRO-3 each holds only a shard of every weight, and
     `accelerator.get_state_dict` gathers them (a collective); the main process writes."""
     accelerator.wait_for_everyone()
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    state = accelerator.get_state_dict(model) if deepspeed else None
+    lens = accelerator.unwrap_model(model)
+    state = None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # the stages prepare the model inside; a caller may hold the LensModel, not its engine
+        engines = [m for m in accelerator._models if accelerator.unwrap_model(m) is lens]
+        if engines:
+            state = accelerator.get_state_dict(engines[-1])
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state)
+        lens.save_pretrained(folder, state_dict=state)
     accelerator.wait_for_everyone()
 
 
