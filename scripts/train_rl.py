@@ -62,7 +62,7 @@ from lenslib.align import aligned_model
 from lenslib.evaluate import evaluate
 from lenslib.presets import get_preset, train_val_data
 from lenslib.rl import GRPOConfig, train_grpo
-from lenslib.training import make_accelerator, take
+from lenslib.training import make_accelerator, save_model, take
 
 torch.manual_seed(0)
 accelerator = make_accelerator(cpu=cpu)
@@ -86,8 +86,6 @@ print({k: getattr(rl_cfg, k) for k in ("lr", "mllm_lr", "sam_lr", "batch_size", 
 before = evaluate(model, take(val, config.eval_samples), max_new_tokens=config.max_completion_length, accelerator=accelerator)
 accelerator.print("after stage 1:", {k: round(v, 3) for k, v in before.items()})
 history = train_grpo(model, train, val, rl_cfg, accelerator, resume=resume)
-accelerator.wait_for_everyone()
-if accelerator.is_main_process:
-    accelerator.unwrap_model(model).save_pretrained(f"{output_dir}/final")
+save_model(model, f"{output_dir}/final", accelerator)  # every process: ZeRO-3 gathers the shards
 final = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")}
 accelerator.print("after stage 2:", {k: round(v, 3) for k, v in final.items()})
