@@ -358,8 +358,10 @@ class LensModel(nn.Module):
         """Trainable parameters per part: mllm, queries, connector, sam."""
         parts = {"mllm": self.mllm, "queries": self.queries, "connector": self.connector}
         parts["sam"] = self.sam
-        return {
-            name: sum(p.numel() for p in part.parameters() if p.requires_grad)
+        return {  # (ds_numel: a parameter's size while DeepSpeed ZeRO-3 shards it)
+            name: sum(
+                getattr(p, "ds_numel", p.numel()) for p in part.parameters() if p.requires_grad
+            )
             for name, part in parts.items()
         }
 

@@ -36,7 +36,14 @@ from lenslib.data.sample import SegSample
 from lenslib.mllm import append_completions, build_inputs, repeat_batch
 from lenslib.model import LensModel, zero3_gathered
 from lenslib.rewards import RewardWeights, box_reward, format_reward, seg_reward, unified_reward
-from lenslib.training import make_scheduler, mean_seg_loss, run_stage, run_steps, target_masks
+from lenslib.training import (
+    deepspeed_precision,
+    make_scheduler,
+    mean_seg_loss,
+    run_stage,
+    run_steps,
+    target_masks,
+)
 
 
 @dataclass
@@ -268,6 +275,7 @@ def train_grpo(
     on_log: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Run stage 2 from an aligned model; returns the log (one dict per step)."""
+    deepspeed_precision(model, accelerator)  # (DeepSpeed only)
     ref = frozen_reference(model, accelerator) if cfg.beta != 0.0 else None
     counts = model.set_stage("rl", train_vision_tower=cfg.train_vision_tower)
     accelerator.print(f"stage 2 trains {counts}")

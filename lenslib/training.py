@@ -77,6 +77,24 @@ def make_accelerator(cpu: bool = False, log_dir: str | None = None) -> Accelerat
     return accelerator
 
 
+def deepspeed_precision(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Under DeepSpeed with bf16 (or fp16), cast the parameters DeepSpeed has not yet sharded
+    to that precision before `prepare`, in place. ZeRO-2 casts the whole model itself, but
+    ZeRO-3 keeps what it finds, and its optimizer refuses trainable parameters of two dtypes
+    (a model loaded under zero.Init is already bf16; SAM and the context module are not)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    enabled = {k: config.get(k, {}).get("enabled") is True for k in ("bf16", "fp16")}
+    dtype = torch.bfloat16 if enabled["bf16"] else torch.float16 if enabled["fp16"] else None
+    if dtype is None:
+        return
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
 def epoch_batches(
     num_samples: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
 ) -> list[list[int]]:
