@@ -74,14 +74,20 @@ def test_the_saved_model_reloads_and_draws_the_in_memory_models_masks(launched):
     for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
         tensor.data = tensor.data.to(getattr(torch, saved["dtypes"][key].removeprefix("torch.")))
     # the same weights as rank 0 held in memory (gathered), not ZeRO-3's empty shards
-    digest = [float(p.double().sum()) for p in model.parameters()]
+    digest = [float(p.detach().double().sum()) for p in model.parameters()]
     assert digest == _ranks(out)[0]["rl"], name
     samples = [toy_split(get_preset("toy"), "val", 2)[i] for i in range(2)]
     answers = [ground_truth_answer(model, s) for s in samples]
     with torch.no_grad():
         out_ = model.forward_answers([s.image for s in samples], [s.text for s in samples], answers)
-    torch.testing.assert_close(out_.mask_logits.float(), saved["mask_logits"], rtol=0, atol=1e-2)
-    assert ((out_.mask_logits > 0) == (saved["mask_logits"] > 0)).float().mean() > 0.999
+    # bf16 compute: ZeRO-3 runs its own linear (zero.Init patches F.linear), so the logits may
+    # differ by a bf16 rounding step (1/8 at |logit| ~ 16); ZeRO-2's are bit for bit the same
+    reloaded, expected = out_.mask_logits.float(), saved["mask_logits"]
+    diff = (reloaded - expected).abs()
+    agree = ((reloaded > 0) == (expected > 0)).float().mean().item()
+    if name == "zero2":
+        assert torch.equal(reloaded, expected), (diff.max(), agree)
+    assert diff.max() <= 0.25 and diff.mean() < 0.05 and agree > 0.995, (diff.max(), agree)
 
 
 def test_both_stages_train_in_pure_bf16_without_autocast(tmp_path):

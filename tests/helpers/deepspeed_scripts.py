@@ -81,6 +81,7 @@ record["world"] = accelerator.num_processes
 preset = get_preset("toy")
 samples = [toy_split(preset, "val", 2)[i] for i in range(2)]
 lens.eval()
+lens.sam.reset_cache()  # features cached before DeepSpeed's bf16 cast came from the fp32 encoder
 with torch.no_grad(), zero3_gathered(lens.parameters(), deepspeed_engine(accelerator)):
     answers = [ground_truth_answer(lens, s) for s in samples]
     logits = lens.forward_answers([s.image for s in samples], [s.text for s in samples], answers)
