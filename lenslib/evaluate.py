@@ -57,10 +57,13 @@ TABLE_COLUMNS = (
 )
 
 
-def deepspeed_engine(accelerator: Accelerator | None):
-    """The DeepSpeed engine `accelerator.prepare` made last (None without DeepSpeed or before)."""
-    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
-    return wrapped.engine if wrapped is not None else None
+def deepspeed_engine(accelerator: Accelerator | None, model: torch.nn.Module):
+    """The DeepSpeed engine `accelerator.prepare` wrapped around `model` (None without
+    DeepSpeed or before `prepare`): the stages prepare the model inside, so their callers
+    hold the LensModel, not its engine."""
+    prepared = getattr(accelerator, "_models", [])
+    engines = [m for m in prepared if getattr(m, "module", None) is model]
+    return engines[-1] if engines and hasattr(engines[-1], "optimizer") else None
 
 
 @torch.no_grad()
@@ -79,7 +82,7 @@ def evaluate(
     model.eval()
     masks = IoUAccumulator()
     box_sum, format_sum = 0.0, 0.0
-    with zero3_gathered(model.parameters(), deepspeed_engine(accelerator)):  # ZeRO-3 only
+    with zero3_gathered(model.parameters(), deepspeed_engine(accelerator, model)):  # ZeRO-3 only
         for start in range(0, len(shard), batch_size):
             batch = shard[start : start + batch_size]
             rollouts, pred = model.predict(
@@ -121,7 +124,7 @@ def evaluate_answers(
     was_training = model.training
     model.eval()
     masks = IoUAccumulator()
-    with zero3_gathered(model.parameters(), deepspeed_engine(accelerator)):  # ZeRO-3 only
+    with zero3_gathered(model.parameters(), deepspeed_engine(accelerator, model)):  # ZeRO-3 only
         for start in range(0, len(shard), batch_size):
             batch = [samples[i] for i in shard[start : start + batch_size]]
             given = [answers[i] for i in shard[start : start + batch_size]]

@@ -287,11 +287,10 @@ class LensModel(nn.Module):
         # ZeRO-3: SAM's code reads some weights (`direct_parameters`) outside their modules'
         # forward, so they are gathered here, and registered on this module so that DeepSpeed
         # gathers them again for the backward pass
-        gathered = zero3_gathered(self.sam.direct_parameters(), fwd_module=self)
+        direct = self.sam.direct_parameters()
         if features is None:
-            with gathered:
+            with zero3_gathered(direct, fwd_module=self):
                 features = self.sam.encode(images)  # (P, ...) frozen, cached
-            gathered = zero3_gathered(self.sam.direct_parameters(), fwd_module=self)
         if group_size > 1 or len(features) != len(q_seg):
             rows = [i for i in range(len(images)) for _ in range(group_size)]
             features = SamFeatures.cat([features.select(i) for i in rows])
@@ -302,7 +301,7 @@ class LensModel(nn.Module):
                 [b if b is not None else (0, 0, s[1], s[0]) for b, s in zip(boxes, sizes)],
                 dtype=torch.float32,
             )  # a missing box falls back to the whole image
-        with gathered:
+        with zero3_gathered(direct, fwd_module=self):
             out = self.sam.decode(
                 features, context_tokens=q_seg, boxes=box_tensor, orig_sizes=sizes,
                 stability_fallback=self.cfg.stability_fallback and not self.training,

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lenslib.data.sample import SegSample
-from lenslib.evaluate import evaluate
+from lenslib.evaluate import deepspeed_engine, evaluate
 from lenslib.losses import seg_loss
 from lenslib.model import LensModel, mllm_image_size, to_mllm_frame
 from lenslib.prompts import format_answer
@@ -191,10 +191,8 @@ def save_model(model: torch.nn.Module, folder: str | Path, accelerator: Accelera
     lens = accelerator.unwrap_model(model)
     state = None
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # the stages prepare the model inside; a caller may hold the LensModel, not its engine
-        engines = [m for m in accelerator._models if accelerator.unwrap_model(m) is lens]
-        if engines:
-            state = accelerator.get_state_dict(engines[-1])
+        engine = deepspeed_engine(accelerator, lens)
+        state = accelerator.get_state_dict(engine) if engine is not None else None
     if accelerator.is_main_process:
         lens.save_pretrained(folder, state_dict=state)
     accelerator.wait_for_everyone()

@@ -39,7 +39,7 @@ def run_script(name: str, *args: str) -> dict:
 
 def gathered_digest(lens, accelerator) -> list[float]:
     """Per-parameter sums (float64) of the whole parameters, gathered under ZeRO-3."""
-    with torch.no_grad(), zero3_gathered(lens.parameters(), deepspeed_engine(accelerator)):
+    with torch.no_grad(), zero3_gathered(lens.parameters(), deepspeed_engine(accelerator, lens)):
         return [float(p.double().sum()) for p in lens.parameters()]
 
 
@@ -82,7 +82,7 @@ preset = get_preset("toy")
 samples = [toy_split(preset, "val", 2)[i] for i in range(2)]
 lens.eval()
 lens.sam.reset_cache()  # features cached before DeepSpeed's bf16 cast came from the fp32 encoder
-with torch.no_grad(), zero3_gathered(lens.parameters(), deepspeed_engine(accelerator)):
+with torch.no_grad(), zero3_gathered(lens.parameters(), deepspeed_engine(accelerator, lens)):
     answers = [ground_truth_answer(lens, s) for s in samples]
     logits = lens.forward_answers([s.image for s in samples], [s.text for s in samples], answers)
     dtypes = {n: str(t.dtype) for n, t in [*lens.named_parameters(), *lens.named_buffers()]}
