@@ -31,6 +31,7 @@ from lenslib.settings import setting
 from lenslib.training import (
     LoopConfig,
     SchedulerKind,
+    deepspeed_precision,
     ground_truth_answer,
     make_scheduler,
     mean_seg_loss,
@@ -95,6 +96,7 @@ def train_alignment(
     resume=True continues from the newest checkpoint in cfg.output_dir (if any). The loop
     (epochs, evaluation, checkpoints) is `lenslib.training.run_stage`.
     """
+    deepspeed_precision(model, accelerator)  # (DeepSpeed only)
     counts = model.set_stage("align")
     accelerator.print(f"stage 1 trains {counts}")
     params = [p for p in model.parameters() if p.requires_grad]

@@ -10,8 +10,7 @@ hidden states are the context the connector turns into prompt tokens for SAM (eq
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -64,14 +63,15 @@ def context_position_ids(
 
 
 # ----------------------------------------------------------------------------- queries
-@dataclass
-class ContextReadout:
+class ContextReadout(NamedTuple):
     """What one forward with the queries appended gives.
 
     queries: (B, M, C) Q' of eq. 2: the queries' last-layer states after the final norm.
     logits:  (B, T, V) next-token logits of the last T tokens before the queries, i.e.
              logits[:, t] predicts input_ids[:, L - T + t] (None when T = 0). GRPO takes the
              completion tokens' log-probs from them: one forward for both.
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 must see the tensors a module returns
+    to gather its weights (the queries) again for the backward pass.
     """
 
     queries: torch.Tensor

@@ -22,6 +22,7 @@ from lenslib.data.sample import SegSample
 from lenslib.metrics import IoUAccumulator
 from lenslib.model import LensModel
 from lenslib.rewards import box_iou_single, format_reward
+from lenslib.sharding import deepspeed_engine, zero3_gathered
 
 # (column title, metric key) of the Markdown table; all but "samples" are percentages
 TABLE_COLUMNS = (
@@ -49,15 +50,16 @@ def evaluate(
     model.eval()
     masks = IoUAccumulator()
     box_sum, format_sum = 0.0, 0.0
-    for start in range(0, len(shard), batch_size):
-        batch = shard[start : start + batch_size]
-        rollouts, pred = model.predict(
-            [s.image for s in batch], [s.text for s in batch], max_new_tokens=max_new_tokens
-        )
-        for sample, mask, box, text in zip(batch, pred, rollouts.boxes, rollouts.texts):
-            masks.update(mask.cpu(), torch.from_numpy(sample.mask))
-            box_sum += box_iou_single(box, sample.box)
-            format_sum += format_reward(text)
+    with zero3_gathered(model.parameters(), deepspeed_engine(accelerator, model)):  # ZeRO-3 only
+        for start in range(0, len(shard), batch_size):
+            batch = shard[start : start + batch_size]
+            rollouts, pred = model.predict(
+                [s.image for s in batch], [s.text for s in batch], max_new_tokens=max_new_tokens
+            )
+            for sample, mask, box, text in zip(batch, pred, rollouts.boxes, rollouts.texts):
+                masks.update(mask.cpu(), torch.from_numpy(sample.mask))
+                box_sum += box_iou_single(box, sample.box)
+                format_sum += format_reward(text)
     model.train(was_training)
     extra = torch.tensor([box_sum, format_sum], dtype=torch.float64)
     if accelerator is not None and world > 1:
@@ -90,12 +92,13 @@ def evaluate_answers(
     was_training = model.training
     model.eval()
     masks = IoUAccumulator()
-    for start in range(0, len(shard), batch_size):
-        batch = [samples[i] for i in shard[start : start + batch_size]]
-        given = [answers[i] for i in shard[start : start + batch_size]]
-        out = model.forward_answers([s.image for s in batch], [s.text for s in batch], given)
-        for sample, logits in zip(batch, out.mask_logits):
-            masks.update((logits > 0).cpu(), torch.from_numpy(sample.mask))
+    with zero3_gathered(model.parameters(), deepspeed_engine(accelerator, model)):  # ZeRO-3 only
+        for start in range(0, len(shard), batch_size):
+            batch = [samples[i] for i in shard[start : start + batch_size]]
+            given = [answers[i] for i in shard[start : start + batch_size]]
+            out = model.forward_answers([s.image for s in batch], [s.text for s in batch], given)
+            for sample, logits in zip(batch, out.mask_logits):
+                masks.update((logits > 0).cpu(), torch.from_numpy(sample.mask))
     model.train(was_training)
     if accelerator is not None and world > 1:
         masks.all_reduce(lambda t: accelerator.reduce(t.to(accelerator.device), "sum"))

@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from lenslib.context import (
 )
 from lenslib.sam import SamConfig, SamFeatures, SamSegmenter
 from lenslib.settings import setting
+from lenslib.sharding import zero3_gathered
 
 Stage = Literal["align", "rl", "eval"]
 PATCH_SIZE = 14  # Qwen2-VL / 2.5-VL vision patch side in pixels
@@ -86,8 +87,7 @@ class LensConfig:
         return SamConfig(**fields)
 
 
-@dataclass
-class LensOutput:
+class LensOutput(NamedTuple):
     """What one `forward_completions` gives for N rows (N = prompts x rollouts).
 
     logits:      (N, T, V) next-token logits of the T completion tokens.
@@ -95,6 +95,8 @@ class LensOutput:
     prompts:     (N, K, D) Q_seg (eq. 3), K = M or 1, D = SAM's prompt width.
     mask_logits: (N, H, W) P_seg (eq. 4) at the original image size (mask = logits > 0),
                  or a list of (H_i, W_i) when the images differ in size.
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 must see the tensors a module returns
+    to gather its weights again for the backward pass.
     """
 
     logits: Tensor
@@ -232,7 +234,8 @@ class LensModel(nn.Module):
             self.processor, images, texts, completion_ids, completion_mask, group_size
         ).to(self.device)
         readout = self.queries(self.mllm, batch, logits_to_keep=completion_ids.shape[1])
-        q_seg = self.connector(readout.queries.float())  # (N, K, D)
+        # the MLLM may run in bf16 and the connector in fp32 (or all in bf16 under DeepSpeed)
+        q_seg = self.connector(readout.queries.to(self.connector.proj[0].weight.dtype))
         mask_logits = self.segment_from_prompts(images, q_seg, group_size, boxes, features)
         return LensOutput(readout.logits, readout.queries, q_seg, mask_logits)
 
@@ -245,8 +248,13 @@ class LensModel(nn.Module):
         features: SamFeatures | None = None,
     ) -> Tensor | list[Tensor]:
         """Eq. 4: SAM's masks for N = P*G rows of prompt tokens (N, K, D) -> (N, H, W) logits."""
+        # ZeRO-3: SAM's code reads some weights (`direct_parameters`) outside their modules'
+        # forward, so they are gathered here, and registered on this module so that DeepSpeed
+        # gathers them again for the backward pass
+        direct = self.sam.direct_parameters()
         if features is None:
-            features = self.sam.encode(images)  # (P, ...) frozen, cached
+            with zero3_gathered(direct, fwd_module=self):
+                features = self.sam.encode(images)  # (P, ...) frozen, cached
         if group_size > 1 or len(features) != len(q_seg):
             rows = [i for i in range(len(images)) for _ in range(group_size)]
             features = SamFeatures.cat([features.select(i) for i in rows])
@@ -257,10 +265,11 @@ class LensModel(nn.Module):
                 [b if b is not None else (0, 0, s[1], s[0]) for b, s in zip(boxes, sizes)],
                 dtype=torch.float32,
             )  # a missing box falls back to the whole image
-        out = self.sam.decode(
-            features, context_tokens=q_seg, boxes=box_tensor, orig_sizes=sizes,
-            stability_fallback=self.cfg.stability_fallback and not self.training,
-        )  # fmt: skip
+        with zero3_gathered(direct, fwd_module=self):
+            out = self.sam.decode(
+                features, context_tokens=q_seg, boxes=box_tensor, orig_sizes=sizes,
+                stability_fallback=self.cfg.stability_fallback and not self.training,
+            )  # fmt: skip
         if isinstance(out.logits, Tensor):
             return out.logits[:, 0]  # (N, H, W)
         return [logit[0] for logit in out.logits]
@@ -312,8 +321,10 @@ class LensModel(nn.Module):
         """Trainable parameters per part: mllm, queries, connector, sam."""
         parts = {"mllm": self.mllm, "queries": self.queries, "connector": self.connector}
         parts["sam"] = self.sam
-        return {
-            name: sum(p.numel() for p in part.parameters() if p.requires_grad)
+        return {  # (ds_numel: a parameter's size while DeepSpeed ZeRO-3 shards it)
+            name: sum(
+                getattr(p, "ds_numel", p.numel()) for p in part.parameters() if p.requires_grad
+            )
             for name, part in parts.items()
         }
 
@@ -327,13 +338,28 @@ class LensModel(nn.Module):
             for key, t in part.state_dict().items()
         }
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write `path/mllm/` (transformers), `path/lens.safetensors`, `path/lens_config.json`."""
+    def save_pretrained(
+        self, path: str | Path, state_dict: dict[str, Tensor] | None = None
+    ) -> None:
+        """Write `path/mllm/` (transformers), `path/lens.safetensors`, `path/lens_config.json`.
+
+        state_dict: the whole model's weights (keys "mllm.", "queries.", "connector.", "sam.")
+        when this module's own tensors are not the whole truth, e.g. sharded by DeepSpeed ZeRO-3:
+        `lenslib.training.save_model` gathers them with `accelerator.get_state_dict`."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.mllm.save_pretrained(path / "mllm")
+        if state_dict is None:
+            self.mllm.save_pretrained(path / "mllm")
+            lens_tensors = self.lens_state_dict()
+        else:
+            parts = {"mllm": {}, "lens": {}}
+            for key, t in state_dict.items():
+                part = "mllm" if key.startswith("mllm.") else "lens"
+                parts[part][key.removeprefix("mllm.")] = t.detach().cpu().contiguous()
+            self.mllm.save_pretrained(path / "mllm", state_dict=parts["mllm"])
+            lens_tensors = parts["lens"]
         self.processor.save_pretrained(path / "mllm")
-        save_file(self.lens_state_dict(), str(path / "lens.safetensors"))
+        save_file(lens_tensors, str(path / "lens.safetensors"))
         (path / "lens_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
 
     @classmethod

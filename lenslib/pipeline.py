@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from lenslib.align import train_alignment
@@ -78,4 +79,5 @@ def aligned_model(preset: Preset, folder: str | Path, accelerator: Accelerator) 
         model, _ = run_pipeline(quick, accelerator, stages=("align",))
         save_model(model, folder, accelerator)
     accelerator.wait_for_everyone()
-    return LensModel.from_pretrained(folder, device=accelerator.device)
+    dtype = torch.float32 if preset.mllm == "toy" else torch.bfloat16  # as `build_lens` loads it
+    return LensModel.from_pretrained(folder, device=accelerator.device, dtype=dtype)

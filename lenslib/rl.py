@@ -38,9 +38,11 @@ from lenslib.mllm import completion_batch
 from lenslib.model import LensModel
 from lenslib.rewards import RewardWeights, box_reward, format_reward, seg_reward, unified_reward
 from lenslib.settings import setting
+from lenslib.sharding import zero3_gathered
 from lenslib.training import (
     LoopConfig,
     SchedulerKind,
+    deepspeed_precision,
     make_scheduler,
     mean_seg_loss,
     run_stage,
@@ -93,11 +95,30 @@ class GRPOConfig(LoopConfig):
     loss_kind: LossKind = setting("bce", 'pixel loss beside dice in L_seg: "bce" or "focal"')
 
 
-def frozen_reference(model: LensModel) -> torch.nn.Module:
+def frozen_reference(model: LensModel, accelerator: Accelerator | None = None) -> torch.nn.Module:
     """pi_ref of eq. 9: a frozen copy of the MLLM at the start of stage 2 (only the MLLM's
-    token log-probs enter the KL, so the rest of LENS is not copied)."""
-    ref = copy.deepcopy(model.mllm).eval()
-    return ref.requires_grad_(False)
+    token log-probs enter the KL, so the rest of LENS is not copied).
+
+    Under DeepSpeed the copy is handed to DeepSpeed too, as TRL does (`prepare_deepspeed`): an
+    inference engine in the policy's precision, sharded under ZeRO-3 (copied from the gathered
+    weights), whole on every process otherwise (stage 0)."""
+    with zero3_gathered(model.mllm.parameters()):
+        ref = copy.deepcopy(model.mllm).eval()
+    ref.requires_grad_(False)
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None:
+        return ref
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    for training_only in ("optimizer", "scheduler"):
+        config.pop(training_only, None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    if config["zero_optimization"]["stage"] != 3:
+        config["zero_optimization"]["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=ref, config=config)
+    engine.eval()  # (DeepSpeedEngine.eval returns None, not the engine)
+    return engine
 
 
 @torch.no_grad()
@@ -154,10 +175,12 @@ def grpo_step(
     clock = [time.perf_counter()]  # phase boundaries, for the time shares in the log
 
     # 1. rollouts: G sampled answers per prompt, in one batched call (rows a1..aG, b1..bG, ...)
-    rollouts = lens.generate(
-        images, texts, group_size=G, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-    )  # fmt: skip
+    #    (ZeRO-3: the weights are gathered once for the whole generation, not on every token)
+    with zero3_gathered(lens.parameters(), engine=model):
+        rollouts = lens.generate(
+            images, texts, group_size=G, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        )  # fmt: skip
     ids, mask = rollouts.completion_ids, rollouts.completion_mask  # (P*G, T)
     clock.append(time.perf_counter())
 
@@ -250,7 +273,8 @@ def train_grpo(
     on_log: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Run stage 2 from an aligned model; returns the log (one dict per step)."""
-    ref = frozen_reference(model) if cfg.beta != 0.0 else None
+    deepspeed_precision(model, accelerator)  # (DeepSpeed only)
+    ref = frozen_reference(model, accelerator) if cfg.beta != 0.0 else None
     counts = model.set_stage("rl", train_vision_tower=cfg.train_vision_tower)
     accelerator.print(f"stage 2 trains {counts}")
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr)

@@ -220,6 +220,17 @@ class SamSegmenter(nn.Module):
             self.sam.sam_mask_decoder.conv_s0.requires_grad_(False)
             self.sam.sam_mask_decoder.conv_s1.requires_grad_(False)
 
+    def direct_parameters(self) -> list[nn.Parameter]:
+        """Weights SAM2's code reads without calling their module (`no_mem_embed`, the prompt
+        encoder's and the mask decoder's token embeddings): under DeepSpeed ZeRO-3 they must be
+        gathered by hand (`lenslib.model.zero3_gathered`)."""
+        prompt, decoder = self.sam.sam_prompt_encoder, self.sam.sam_mask_decoder
+        embeddings = [prompt.no_mask_embed, prompt.not_a_point_embed, *prompt.point_embeddings]
+        embeddings += [decoder.iou_token, decoder.mask_tokens]
+        if getattr(decoder, "pred_obj_scores", False):
+            embeddings.append(decoder.obj_score_token)
+        return [self.sam.no_mem_embed] + [e.weight for e in embeddings]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that currently require gradients (for the optimiser)."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -404,16 +415,23 @@ class SamSegmenter(nn.Module):
         """
         batch = self._check_decode_inputs(features, context_tokens, boxes, orig_sizes, points)
         sparse, dense = self.embed_prompts(batch, boxes, orig_sizes, points)
-        if context_tokens is not None:  # LENS: the context tokens are just more sparse prompts
-            sparse = torch.cat([sparse, context_tokens.to(sparse.dtype)], dim=1)  # (B, n+K, D)
-
         decoder = self.sam.sam_mask_decoder
+        # everything in the decoder's dtype: the prompt encoder answers float32 sparse prompts
+        # and positional encodings even in a bf16 model, and cached features may predate a
+        # cast (DeepSpeed's bf16)
+        dtype = decoder.iou_token.weight.dtype
+        sparse, dense = sparse.to(dtype), dense.to(dtype)
+        if context_tokens is not None:  # LENS: the context tokens are just more sparse prompts
+            sparse = torch.cat([sparse, context_tokens.to(dtype)], dim=1)  # (B, n+K, D)
+        features = SamFeatures(
+            features.image_embed.to(dtype), tuple(level.to(dtype) for level in features.high_res)
+        )
         high_res = list(features.high_res)
         if self.cfg.train_high_res_convs and high_res:
             high_res = [decoder.conv_s0(high_res[0]), decoder.conv_s1(high_res[1])]
         all_masks, all_iou, _, _ = decoder.predict_masks(
             image_embeddings=features.image_embed,
-            image_pe=self.sam.sam_prompt_encoder.get_dense_pe(),
+            image_pe=self.sam.sam_prompt_encoder.get_dense_pe().to(dtype),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             repeat_image=len(features) == 1,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedType
 from torch import Tensor
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
@@ -38,6 +40,7 @@ from lenslib.losses import seg_loss
 from lenslib.model import LensModel, mllm_image_size, to_mllm_frame
 from lenslib.prompts import format_answer
 from lenslib.settings import setting
+from lenslib.sharding import deepspeed_engine
 
 
 def make_accelerator(cpu: bool = False, log_dir: str | None = None) -> Accelerator:
@@ -45,12 +48,55 @@ def make_accelerator(cpu: bool = False, log_dir: str | None = None) -> Accelerat
 
     find_unused_parameters: some SAM prompt-encoder embeddings (e.g. the box-corner ones) get
     no gradient when SAM is prompted by context tokens only; DDP must be told.
+
+    DeepSpeed (`accelerate launch` with configs/accelerate/zero2.yaml or zero3.yaml): our loops
+    make their own batches, so no DataLoader tells accelerate the micro-batch size DeepSpeed
+    insists on; it is set here (1 "sample" per step: each optimiser step is one backward).
+    On CPU, DeepSpeed runs with DS_ACCELERATOR=cpu, and then `cpu` must not be passed on:
+    accelerate would quietly drop DeepSpeed for plain DDP.
     """
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     log_with = "tensorboard" if log_dir else None
-    return Accelerator(
+    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if os.environ.get("DS_ACCELERATOR") != "cpu":
+            raise ValueError(
+                "DeepSpeed on CPU (--cpu) needs the environment variable DS_ACCELERATOR=cpu"
+            )
+        cpu = False  # DeepSpeed's CPU accelerator already places everything on the CPU
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if os.environ.get("DS_ACCELERATOR") == "cpu":
+            # accelerate knows no CPU backend for DeepSpeed: without one it counts ONE process
+            # (every rank is "main", none shards its data) while DeepSpeed talks over gloo
+            kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
         cpu=cpu, kwargs_handlers=kwargs, log_with=log_with, project_dir=log_dir or "."
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        accumulation = plugin.deepspeed_config.get("gradient_accumulation_steps", "auto")
+        if accumulation == "auto":
+            accumulation = accelerator.gradient_accumulation_steps
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+        plugin.deepspeed_config["train_batch_size"] = accumulation * accelerator.num_processes
+    return accelerator
+
+
+def deepspeed_precision(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Under DeepSpeed with bf16 (or fp16), cast the parameters DeepSpeed has not yet sharded
+    to that precision before `prepare`, in place. ZeRO-2 casts the whole model itself, but
+    ZeRO-3 keeps what it finds, and its optimizer refuses trainable parameters of two dtypes
+    (a model loaded under zero.Init is already bf16; SAM and the context module are not)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    enabled = {k: config.get(k, {}).get("enabled") is True for k in ("bf16", "fp16")}
+    dtype = torch.bfloat16 if enabled["bf16"] else torch.float16 if enabled["fp16"] else None
+    if dtype is None:
+        return
+    for param in model.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 def epoch_batches(
@@ -147,10 +193,17 @@ def save_checkpoint(accelerator: Accelerator, folder: str | Path, state: TrainSt
 
 
 def save_model(model: torch.nn.Module, folder: str | Path, accelerator: Accelerator) -> None:
-    """Save the (unwrapped) LensModel as a folder that `LensModel.from_pretrained` reads."""
+    """Save a (prepared) LensModel as a `LensModel.from_pretrained` folder. Call it on EVERY
+    process: under DeepSpeed ZeRO-3 each holds only a shard of every weight, and
+    `accelerator.get_state_dict` gathers them (a collective); the main process writes."""
     accelerator.wait_for_everyone()
+    lens = accelerator.unwrap_model(model)
+    state = None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        engine = deepspeed_engine(accelerator, lens)
+        state = accelerator.get_state_dict(engine) if engine is not None else None
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder)
+        lens.save_pretrained(folder, state_dict=state)
     accelerator.wait_for_everyone()
 
 
