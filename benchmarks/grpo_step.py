@@ -1,9 +1,12 @@
 """Stage 2 at toy scale: seconds per GRPO step and their split, and peak memory.
 
     .venv/bin/python benchmarks/grpo_step.py [--steps 10] [--prompts 4] [--group-size 8] [--pretrained]
+        [--threads 1] [--rollout-micro-batch 8] [--gradient-checkpointing] [--token-chunk 4096]
 
 Each step logs its generation / scoring (one forward per rollout + rewards) / update times
 (`lenslib.rl.grpo_step` measures them). Generation is ONE batched call for all prompts x G.
+The memory options (rollout micro-batches, gradient checkpointing, the size of the pieces of
+`grpo.token_logprobs`) change only memory and time: run once per option to see the time.
 """
 
 import argparse
@@ -13,9 +16,10 @@ import time
 
 import torch
 
+from lenslib import grpo
 from lenslib.presets import build_lens, get_preset, toy_split
 from lenslib.rl import GRPOConfig, frozen_reference, grpo_step
-from lenslib.training import make_accelerator, make_scheduler
+from lenslib.training import make_accelerator, make_scheduler, set_gradient_checkpointing
 
 
 def main() -> None:
@@ -24,13 +28,31 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--pretrained", action="store_true", help="use the committed toy bases")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's)")
+    parser.add_argument(
+        "--rollout-micro-batch", type=int, default=None, help="GRPOConfig.rollout_micro_batch"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="LoopConfig.gradient_checkpointing"
+    )
+    parser.add_argument(
+        "--token-chunk", type=int, default=grpo.TOKEN_CHUNK, help="positions per log-prob piece"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grpo.TOKEN_CHUNK = args.token_chunk
     torch.manual_seed(0)
     preset = get_preset("toy")
     model = build_lens(preset, pretrained=args.pretrained)
-    cfg = GRPOConfig(group_size=args.group_size, max_new_tokens=preset.max_completion_length)
+    cfg = GRPOConfig(
+        group_size=args.group_size, max_new_tokens=preset.max_completion_length,
+        rollout_micro_batch=args.rollout_micro_batch,
+    )  # fmt: skip
     ref = frozen_reference(model)
     model.set_stage("rl")
+    model.train()
+    set_gradient_checkpointing(model, args.gradient_checkpointing)
     accelerator = make_accelerator(cpu=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     scheduler = make_scheduler("linear", optimizer, args.steps)
@@ -46,7 +68,9 @@ def main() -> None:
     mean = {k: sum(r[k] for r in steady) / len(steady) for k in ("total", "time_generate",
             "time_score", "time_update", "completion_length")}  # fmt: skip
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
-    print(f"{args.prompts} prompts x G={args.group_size}: {mean['total']:.2f} s/step")
+    options = f"micro-batch {args.rollout_micro_batch}, checkpointing "
+    options += f"{'on' if args.gradient_checkpointing else 'off'}, token chunk {args.token_chunk}"
+    print(f"{args.prompts} prompts x G={args.group_size} ({options}): {mean['total']:.2f} s/step")
     for key in ("time_generate", "time_score", "time_update"):
         print(f"  {key[5:]:9s} {mean[key]:.2f} s ({100 * mean[key] / mean['total']:.0f}%)")
     print(f"  mean completion length {mean['completion_length']:.1f} tokens")

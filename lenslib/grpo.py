@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 StdKind = Literal["population", "bessel"]
 ScaleKind = Literal["group", "batch", "none"]
@@ -83,18 +83,51 @@ def group_advantages(
     return (centred / (sigma + delta)).reshape(-1)
 
 
-def token_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """log pi(token | context) for the tokens that were sampled.
+TOKEN_CHUNK = 4096  # (row, token) positions per piece of `token_logprobs`
 
-    logits: (B, T, V) already aligned so that logits[:, t] predicts token_ids[:, t].
-    token_ids: (B, T). Returns (B, T).
+
+def _chunk_logprobs(logits: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logits / temperature) at `token_ids`, as gather minus logsumexp, in fp32.
+    logits: (n, V), token_ids: (n,). Only this piece is ever copied to fp32."""
+    scaled = logits.float() / temperature
+    picked = scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scaled, dim=-1)
+
+
+def token_logprobs(
+    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk: int | None = None
+) -> Tensor:
+    """log pi(token | context) for the tokens that were sampled, as fp32 (B, T).
+
+    logits: (B, T, V) already aligned so that logits[:, t] predicts token_ids[:, t], in any
+    dtype (bf16 stays bf16). token_ids: (B, T). Returns (B, T).
     The logits are divided by the sampling temperature first, so the log-probs are those of the
     distribution the rollouts were actually drawn from (the authors' code skips this).
+
+    Memory: `log_softmax(logits.float())` would copy the whole (B, T, V) block to fp32 (at
+    Qwen's V = 151,936, 768 tokens and 8 rollouts that is 3.7 GB, and autograd keeps it). Here
+    the positions are taken `chunk` at a time: gather minus logsumexp, in fp32, per piece, and
+    with gradients each piece is recomputed in the backward pass (`torch.utils.checkpoint`)
+    rather than kept, so at most one piece of fp32 logits exists at a time (`chunk` positions,
+    default `TOKEN_CHUNK`). TRL's
+    `selective_log_softmax` does the same loop per row.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
-    return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    chunk = max(1, chunk or TOKEN_CHUNK)
+    B, T, V = logits.shape
+    flat, ids = logits.reshape(B * T, V), token_ids.reshape(B * T)
+    keep_graph = torch.is_grad_enabled() and logits.requires_grad
+    pieces = []
+    for start in range(0, B * T, chunk):
+        piece = (flat[start : start + chunk], ids[start : start + chunk], temperature)
+        if keep_graph:
+            pieces.append(checkpoint(_chunk_logprobs, *piece, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*piece))
+    if not pieces:
+        return logits.new_zeros((B, T), dtype=torch.float32)
+    return torch.cat(pieces).view(B, T)
 
 
 def clipped_surrogate(
@@ -164,6 +197,30 @@ def aggregate(
     if aggregation == "dapo":
         normaliser = mask.sum() if num_items_in_batch is None else num_items_in_batch
         return total / max(float(normaliser), 1.0)
+    raise ValueError(f"unknown aggregation {aggregation!r}")
+
+
+def micro_batch_weight(
+    aggregation: Aggregation, micro_mask: Tensor, full_mask: Tensor, num_items_in_batch=None
+) -> float:
+    """The factor that turns `aggregate` over a micro-batch of rows into its share of
+    `aggregate` over all rows, so that the weighted micro-batch losses SUM to the unsplit loss
+    (gradient accumulation over a step's rollouts, `lenslib.rl.grpo_step`).
+
+    grpo, dr_grpo: a mean over rows (of per-row means, or of sums / max length): rows_k / rows.
+    bnpo:          a sum over tokens / this batch's tokens: tokens_k / tokens (each clamped to
+                   >= 1 exactly as `aggregate` clamps them).
+    dapo:          a sum over tokens / `num_items_in_batch`, a normaliser that does not depend on
+                   the split: 1 (when it is None `aggregate` uses the micro-batch's own token
+                   count, so the factor is tokens_k / tokens as for bnpo).
+    """
+    if aggregation in ("grpo", "dr_grpo"):
+        return micro_mask.shape[0] / full_mask.shape[0]
+    if aggregation == "bnpo" or (aggregation == "dapo" and num_items_in_batch is None):
+        micro = max(float(micro_mask.sum()), 1.0)
+        return micro / max(float(full_mask.sum()), 1.0)
+    if aggregation == "dapo":
+        return 1.0
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 

@@ -11,7 +11,9 @@ A training script takes `--preset` and may override any field on the command lin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import dataclass, field, fields, replace
+from typing import Literal
 
 import torch
 from torch.utils.data import ConcatDataset
@@ -26,6 +28,7 @@ from lenslib.settings import add_flags, changed, check_choices, setting
 from lenslib.toy import ToyDataset, ToyWorld, ToyWorldConfig, load_bases, random_bases
 
 STAGES = ("align", "rl")
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class Preset:
     # ---- models
     mllm: str = setting(
         "toy", 'Qwen2.5-VL: a local folder or hub id ("toy": the committed toy base)'
+    )
+    attn_implementation: AttnImplementation = setting(
+        "sdpa",
+        'attention kernel of the MLLM (full scale): "sdpa", "eager" or "flash_attention_2" '
+        "(needs the flash-attn package)",
     )
     mllm_max_pixels: int | None = setting(
         None, "the MLLM's smart-resize pixel budget (None: the checkpoint's own)"
@@ -128,6 +136,14 @@ PRESETS: dict[str, Preset] = {
         sam_config="sam2_hiera_l.yaml",
         sam_checkpoint="checkpoints/sam2_hiera_large.pt",
         data_root="data",
+        # memory, so that each stage fits one 80 GB GPU per process (bf16, ZeRO-2): stage 2's
+        # 8 prompts x G 8 = 64 rollouts of up to 768 tokens per GPU in ONE forward would keep
+        # ~0.5 TB of activations; 4 rollouts per forward/backward (gradients accumulated, same
+        # gradient) and recomputed activations keep them to a few GB, at ~1.3x the time of
+        # the gradient passes plus one forward without gradients for the masks (R_seg).
+        # Stage 1 backpropagates through the frozen MLLM to the queries: checkpointing too.
+        align=AlignConfig(gradient_checkpointing=True),
+        rl=GRPOConfig(rollout_micro_batch=4, gradient_checkpointing=True),
     ),
     "toy": Preset(
         name="toy",
@@ -206,7 +222,14 @@ def build_lens(
         else:
             mllm, processor, sam = random_bases(preset.toy_world, preset.init_seed, device)
     else:
-        mllm, processor = load_mllm(preset.mllm, max_pixels=preset.mllm_max_pixels, device=device)
+        attn = preset.attn_implementation
+        if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ImportError(
+                'attn_implementation "flash_attention_2" needs the flash-attn package'
+            )
+        mllm, processor = load_mllm(
+            preset.mllm, max_pixels=preset.mllm_max_pixels, device=device, attn_implementation=attn
+        )
         sam_cfg = SamConfig(config_name=preset.sam_config, checkpoint=preset.sam_checkpoint)
         sam = SamSegmenter(sam_cfg, device)
     with torch.random.fork_rng(devices=[]):

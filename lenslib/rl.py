@@ -10,11 +10,20 @@ combined with the segmentation loss (eq. 12):
 `grpo_step` is one optimiser step, top to bottom:
 
     1. rollouts     G sampled answers per prompt, ONE batched generate call   (eq. 1)
-    2. forward      ONE forward per rollout gives its token log-probs AND its mask (eqs. 2-4)
-    3. rewards      R_format, R_box, R_seg -> R_unified                       (eq. 11)
-    4. advantages   rewards gathered over all processes, grouped by prompt    (eqs. 6-7)
-    5. reference    log-probs of the same tokens under the frozen model      (eq. 9)
+    2. reference    log-probs of the same tokens under the frozen model, first,
+                    without gradients (no policy graph is alive yet)          (eq. 9)
+    3. forward      ONE forward per rollout gives its token log-probs AND its mask (eqs. 2-4)
+    4. rewards      R_format, R_box, R_seg -> R_unified                       (eq. 11)
+    5. advantages   rewards gathered over all processes, grouped by prompt    (eqs. 6-7)
     6. loss         GRPO loss + alpha * L_seg, backward, step                 (eqs. 8-10, 12)
+
+Memory (`rollout_micro_batch`): by default a process's P*G rollouts go through ONE forward and
+ONE backward. With micro-batches of n rollouts, step 3 becomes a pass without gradients that
+only draws the masks (R_seg needs every rollout's mask before any advantage exists), and step 6
+runs the forward again n rollouts at a time, each with its own backward, the losses weighted to
+sum to the unsplit one: the same gradient (within float rounding) for a fraction of the
+activations. Gradient checkpointing (`gradient_checkpointing`, `LoopConfig`) trades compute
+for memory once more.
 
 With one update per batch of rollouts (as here and in the paper), the "old" policy equals the
 current one, so the ratio is exactly 1 and clipping never bites; `grpo_loss` still computes
@@ -26,6 +35,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +103,11 @@ class GRPOConfig(LoopConfig):
     top_k: int = setting(50, "top-k sampling of the rollouts")
     train_vision_tower: bool = setting(True, "False also freezes the MLLM's vision tower")
     loss_kind: LossKind = setting("bce", 'pixel loss beside dice in L_seg: "bce" or "focal"')
+    rollout_micro_batch: int | None = setting(
+        None,
+        "rollouts per forward/backward on a process, gradients accumulated over the step's "
+        "rollouts (None: all in one forward, the step's masks and log-probs from one pass)",
+    )
 
 
 def frozen_reference(model: LensModel, accelerator: Accelerator | None = None) -> torch.nn.Module:
@@ -121,18 +136,65 @@ def frozen_reference(model: LensModel, accelerator: Accelerator | None = None) -
     return engine
 
 
+def row_chunks(num_rows: int, size: int | None) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `size` rows (None or 0: one range for all)."""
+    size = num_rows if not size else size
+    return [(a, min(a + size, num_rows)) for a in range(0, num_rows, size)] or [(0, 0)]
+
+
+def rows_inputs(samples: Sequence[SegSample], start: int, stop: int, group_size: int):
+    """(images, texts, group_size) of rollout rows [start, stop) (rows a1..aG, b1..bG, ...):
+    whole groups keep their prompt once per group; a range that cuts a group names each
+    row's prompt (group size 1), which computes the same rows."""
+    G = group_size
+    if start % G == 0 and stop % G == 0:
+        part = [samples[p] for p in range(start // G, stop // G)]
+        return [s.image for s in part], [s.text for s in part], G
+    rows = [samples[i // G] for i in range(start, stop)]
+    return [s.image for s in rows], [s.text for s in rows], 1
+
+
 @torch.no_grad()
 def reference_logprobs(
     ref: torch.nn.Module, lens: LensModel, samples, completion_ids, completion_mask, cfg
 ) -> torch.Tensor:
-    """(N, T) log-probs of the rollouts' tokens under the reference MLLM."""
-    images, texts = [s.image for s in samples], [s.text for s in samples]
-    batch = completion_batch(
-        lens.processor, images, texts, completion_ids, completion_mask, cfg.group_size
-    )
+    """(N, T) log-probs of the rollouts' tokens under the reference MLLM.
+
+    Run before the policy's forward (no policy graph is alive yet), without gradients, in the
+    reference's own dtype (bf16 at full scale), `cfg.rollout_micro_batch` rows at a time; only
+    `grpo.token_logprobs`'s pieces are ever fp32."""
     T = completion_ids.shape[1]
-    logits = ref(**{k: v.to(lens.device) for k, v in batch.items()}, logits_to_keep=T + 1).logits
-    return grpo.token_logprobs(logits[:, :-1], completion_ids.to(lens.device), cfg.temperature)
+    pieces = []
+    for start, stop in row_chunks(len(completion_ids), cfg.rollout_micro_batch):
+        images, texts, g = rows_inputs(samples, start, stop, cfg.group_size)
+        batch = completion_batch(
+            lens.processor, images, texts, completion_ids[start:stop],
+            completion_mask[start:stop], g,
+        )  # fmt: skip
+        logits = ref(**{k: v.to(lens.device) for k, v in batch.items()}, logits_to_keep=T + 1)
+        ids = completion_ids[start:stop].to(lens.device)
+        pieces.append(grpo.token_logprobs(logits.logits[:, :-1], ids, cfg.temperature))
+        del logits
+    return torch.cat(pieces)
+
+
+@contextmanager
+def accumulating(accelerator: Accelerator, model: torch.nn.Module, sync: bool):
+    """Around a micro-batch's forward and backward: unless `sync` (the step's last
+    micro-batch), gradients only accumulate locally: DDP skips its all-reduce
+    (`accelerator.no_sync`) and DeepSpeed is told this is no accumulation boundary (accelerate
+    passes `sync_gradients` on to `engine.set_gradient_accumulation_boundary`, and steps the
+    engine only at a boundary), as `accelerator.accumulate` does for a DataLoader's batches."""
+    if sync:
+        yield
+        return
+    state = accelerator.gradient_state
+    state._set_sync_gradients(False)
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        state._set_sync_gradients(True)
 
 
 def score_rollouts(
@@ -183,15 +245,38 @@ def grpo_step(
         )  # fmt: skip
     ids, mask = rollouts.completion_ids, rollouts.completion_mask  # (P*G, T)
     clock.append(time.perf_counter())
+    N = len(ids)
+    chunks = row_chunks(N, cfg.rollout_micro_batch)
 
-    # 2. one forward per rollout: its token log-probs and its own mask
-    out = model(images, texts, ids, mask, group_size=G, boxes=rollouts.boxes)
-    logp = grpo.token_logprobs(out.logits, ids.to(out.logits.device), cfg.temperature)  # (N, T)
+    # 2. reference log-probs for the KL term (eq. 9), first: no policy graph is alive yet
+    ref_logp = None
+    if cfg.beta != 0.0 and ref is not None:
+        ref_logp = reference_logprobs(ref, lens, samples, ids, mask, cfg)
 
-    # 3. unified rewards (eq. 11)
-    rewards = score_rollouts(samples, rollouts, out.mask_logits, cfg)
+    # 3. one forward per rollout: its token log-probs and its own mask. Without micro-batches
+    #    this forward is also the one the loss backpropagates through; with them, R_seg needs
+    #    EVERY rollout's mask before any advantage exists, so a first pass without gradients
+    #    draws the masks and the gradient passes (step 6) run the forward again, per micro-batch
+    def forward(start: int, stop: int):
+        part_images, part_texts, g = rows_inputs(samples, start, stop, G)
+        return model(part_images, part_texts, ids[start:stop], mask[start:stop], group_size=g,
+                     boxes=rollouts.boxes[start:stop])  # fmt: skip
 
-    # 4. advantages over the rewards of ALL processes (groups never straddle processes: each
+    out = None
+    if len(chunks) == 1:
+        out = forward(0, N)
+        mask_logits = out.mask_logits
+    else:
+        mask_logits = []
+        with torch.no_grad():
+            for start, stop in chunks:
+                mask_logits.extend(m.detach() for m in forward(start, stop).mask_logits)
+
+    # 4. unified rewards (eq. 11)
+    rewards = score_rollouts(samples, rollouts, mask_logits, cfg)
+    del mask_logits
+
+    # 5. advantages over the rewards of ALL processes (groups never straddle processes: each
     #    process samples all G answers of its prompts), then this process's slice
     local = rewards["unified"].to(accelerator.device)
     everyone = accelerator.gather(local)  # (world * P * G,)
@@ -199,25 +284,39 @@ def grpo_step(
     start = accelerator.process_index * len(local)
     advantages = advantages[start : start + len(local)]
 
-    # 5. reference log-probs for the KL term (eq. 9)
-    ref_logp = None
-    if cfg.beta != 0.0 and ref is not None:
-        ref_logp = reference_logprobs(ref, lens, samples, ids, mask, cfg)
-
     clock.append(time.perf_counter())
 
-    # 6. GRPO loss (eqs. 8-10) + alpha * segmentation loss on every rollout's mask (eq. 12)
-    mask = mask.to(logp.device)
-    policy = grpo.grpo_loss(
-        logp, None, ref_logp, advantages, mask, beta=cfg.beta, eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high, aggregation=cfg.aggregation,
-        max_completion_length=cfg.max_new_tokens,
-        num_items_in_batch=accelerator.gather(mask.sum()).sum().item() / accelerator.num_processes,
-    )  # fmt: skip
+    # 6. GRPO loss (eqs. 8-10) + alpha * segmentation loss on every rollout's mask (eq. 12),
+    #    one backward per micro-batch, each loss weighted so that they SUM to the unsplit loss
+    #    (`grpo.micro_batch_weight`); gradients are synchronised only on the last one
+    mask = mask.to(accelerator.device)
+    num_items = accelerator.gather(mask.sum()).sum().item() / accelerator.num_processes
     targets = [t for t in target_masks(samples, accelerator.device) for _ in range(G)]
-    l_seg = mean_seg_loss(out.mask_logits, targets, cfg.loss_kind)
-    loss = policy.loss + cfg.alpha * l_seg
-    accelerator.backward(loss)
+    all_tokens = mask.sum().float().clamp(min=1.0)
+    totals = torch.zeros(4, device=accelerator.device)  # loss, L_seg, KL, clip fraction
+    for k, (a, b) in enumerate(chunks):
+        with accumulating(accelerator, model, sync=k == len(chunks) - 1):
+            part = out if out is not None else forward(a, b)
+            logp = grpo.token_logprobs(part.logits, ids[a:b].to(part.logits.device),
+                                       cfg.temperature)  # (n, T)  # fmt: skip
+            policy = grpo.grpo_loss(
+                logp, None, None if ref_logp is None else ref_logp[a:b], advantages[a:b],
+                mask[a:b], beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                aggregation=cfg.aggregation, max_completion_length=cfg.max_new_tokens,
+                num_items_in_batch=num_items,
+            )  # fmt: skip
+            l_seg = mean_seg_loss(part.mask_logits, targets[a:b], cfg.loss_kind)
+            weight = grpo.micro_batch_weight(cfg.aggregation, mask[a:b], mask, num_items)
+            rows = (b - a) / N
+            loss = weight * policy.loss + cfg.alpha * rows * l_seg
+            accelerator.backward(loss)
+        tokens = mask[a:b].sum().float().clamp(min=1.0) / all_tokens
+        totals += torch.stack(
+            [loss.detach(), rows * l_seg.detach(), tokens * policy.mean_kl,
+             tokens * policy.clip_fraction]
+        ).float()  # fmt: skip
+        del part, logp, loss
+    out = None
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -227,8 +326,8 @@ def grpo_step(
     stats = torch.stack(
         [
             rewards["format"].mean(), rewards["box"].mean(), rewards["seg"].mean(),
-            rewards["unified"].mean(), policy.mean_kl.cpu(), policy.clip_fraction.cpu(),
-            mask.sum(1).float().mean().cpu(), l_seg.detach().cpu(), loss.detach().cpu(),
+            rewards["unified"].mean(), totals[2].cpu(), totals[3].cpu(),
+            mask.sum(1).float().mean().cpu(), totals[1].cpu(), totals[0].cpu(),
         ]
     ).to(accelerator.device)  # fmt: skip
     stats = accelerator.reduce(stats, "mean").tolist()
@@ -237,11 +336,8 @@ def grpo_step(
     record = dict(zip(names, stats))
     record["format_rate"] = record["reward_format"]
     record["advantage_spread"] = grouped.std(dim=1).mean().item()  # 0 = groups teach nothing
-    phases = (
-        "time_generate",
-        "time_score",
-        "time_update",
-    )  # rollouts | forward+rewards | loss+step
+    # rollouts | reference + forward (+ the no-grad mask pass) + rewards | loss + backward + step
+    phases = ("time_generate", "time_score", "time_update")
     record |= {name: b - a for name, a, b in zip(phases, clock, clock[1:])}
     return record
 

@@ -10,6 +10,8 @@ GRPO group.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,8 +120,19 @@ class FeatureCache:
         """Keep `features` in memory (evicting the least recently used) and on disk if enabled."""
         self._remember(key, features)
         if self.cache_dir is not None:
-            self._path(key).parent.mkdir(parents=True, exist_ok=True)
-            save_file(features.to_tensors(), str(self._path(key)))
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # atomic: written to a temporary file in the same folder, then renamed over the
+            # final name, so a killed process or a second process (several ranks share one
+            # cache) never leaves or reads a half-written file
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                save_file(features.to_tensors(), tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def _remember(self, key: str, features: SamFeatures) -> None:
         self.memory[key] = features

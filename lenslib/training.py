@@ -16,10 +16,14 @@ never interrupted (tests/test_training.py checks this).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
+import resource
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +34,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 from torch import Tensor
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -213,6 +217,23 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return done[-1].parent if done else None
 
 
+def prune_checkpoints(folder: str | Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints in `folder` (and any incomplete one
+    older than those); returns what was deleted. None keeps everything. Call it on ONE process."""
+    if keep is None or not Path(folder).exists():
+        return []
+    if keep < 1:
+        raise ValueError(f"save_total_limit must be >= 1 (or None), got {keep}")
+    complete = sorted(p.parent for p in Path(folder).glob("step_*/train_state.json"))
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep]
+    doomed = [p for p in sorted(Path(folder).glob("step_*")) if p.is_dir() and p < oldest_kept]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
 def load_checkpoint(accelerator: Accelerator, path: str | Path) -> TrainState:
     """Restore what `save_checkpoint` wrote; raises naming the folder if it is incomplete."""
     path = Path(path)
@@ -236,6 +257,8 @@ def run_steps(num_samples: int, batch_size: int, epochs: int, max_steps: int | N
 
 
 SchedulerKind = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+ReportTo = Literal["none", "tensorboard"]
+DRY_RUN_STEPS = 2
 
 
 @dataclass(kw_only=True)
@@ -261,6 +284,26 @@ class LoopConfig:
     eval_samples: int = setting(64, "validation samples per validation run")
     eval_at_end: bool = setting(True, "run validation after the last step")
     checkpoint_every: int = setting(0, "optimiser steps between checkpoints (0: none)")
+    save_total_limit: int | None = setting(
+        None, "keep only the newest N checkpoints in output_dir (None: keep all)"
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        "recompute the MLLM's activations (language model and vision tower) in the backward "
+        "pass instead of keeping them: less memory, about one more forward of time",
+    )
+    report_to: ReportTo = setting(
+        "none",
+        'where accelerate logs each step\'s record: "none" or "tensorboard" (output_dir/logs)',
+    )
+    dry_run: bool = setting(
+        False,
+        "2 optimiser steps at the real shapes, no evaluation, no checkpoints, no history; prints "
+        "peak memory and seconds per step, then stops",
+    )
+    num_workers: int = setting(
+        0, "DataLoader worker processes decoding each step's samples (0: in this process)"
+    )
 
 
 HISTORY_FILE = "history.jsonl"
@@ -286,6 +329,78 @@ def read_history(folder: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def set_gradient_checkpointing(model: LensModel, on: bool) -> None:
+    """Gradient checkpointing of the whole MLLM: transformers marks every decoder layer of the
+    language model AND every block of the vision tower (all are `GradientCheckpointingLayer`s),
+    non-reentrant, so frozen inputs and ZeRO-3 work. It acts only in training mode with
+    gradients on: generation and evaluation keep their KV cache and speed."""
+    mllm, kwargs = model.mllm, {"use_reentrant": False}
+    if hasattr(mllm, "activation_checkpointing_enable"):  # transformers >= 5.2x: the new names
+        if on:
+            mllm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif mllm.is_activation_checkpointing:
+            mllm.activation_checkpointing_disable()
+    elif on:
+        mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif mllm.is_gradient_checkpointing:
+        mllm.gradient_checkpointing_disable()
+
+
+def start_trackers(accelerator: Accelerator, cfg: LoopConfig) -> bool:
+    """accelerate's trackers for `cfg.report_to`, started once per stage (project "align" or
+    "grpo", logs under output_dir/logs), so that `accelerator.log` records go somewhere.
+    Returns whether any was started."""
+    if cfg.report_to == "none" or cfg.dry_run:
+        return False
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError(
+            "report_to='tensorboard' needs the tensorboard package, which lenslib does not "
+            "install: `pip install tensorboard` (or run with --report-to none)"
+        )
+    if cfg.report_to not in [str(t) for t in accelerator.log_with]:
+        accelerator.log_with = [*accelerator.log_with, cfg.report_to]
+    accelerator.project_configuration.logging_dir = str(Path(cfg.output_dir) / "logs")
+    project = type(cfg).__name__.removesuffix("Config").lower()
+    hparams = {
+        k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in asdict(cfg).items()
+    }
+    accelerator.init_trackers(project, config=hparams)
+    return True
+
+
+def stop_trackers(accelerator: Accelerator) -> None:
+    """Finish this stage's trackers (not `accelerator.end_training`: the next stage, in the
+    same process, still needs the process group)."""
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    accelerator.trackers = []
+
+
+def step_samples(
+    dataset: Sequence[SegSample], batches: Sequence[Sequence[int]], num_workers: int = 0
+):
+    """The samples of each step's indices, in order: decoded here (num_workers 0), or by a
+    DataLoader's worker processes (the same samples in the same order, prefetched while the
+    step before trains)."""
+    if num_workers == 0:
+        for indices in batches:
+            yield [dataset[i] for i in indices]
+        return
+    loader = DataLoader(
+        dataset, batch_sampler=[list(b) for b in batches], collate_fn=list,
+        num_workers=num_workers,
+    )  # fmt: skip
+    yield from loader
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def run_stage(
     model: torch.nn.Module,
     step_fn: Callable[[Sequence[SegSample]], dict[str, float]],
@@ -308,40 +423,75 @@ def run_stage(
         accelerator.print(f"resumed from {last} (step {state.global_step})")
     lens = accelerator.unwrap_model(model)
     end = run_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    if cfg.dry_run:  # a dry run writes nothing: no history, no checkpoints, no trackers
+        end = min(end, state.global_step + DRY_RUN_STEPS)
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
     history: list[dict] = []
-    log_file = start_history(cfg.output_dir, state.global_step, accelerator)
+    log_file = (
+        None if cfg.dry_run else start_history(cfg.output_dir, state.global_step, accelerator)
+    )
+    tracking = start_trackers(accelerator, cfg)
+    set_gradient_checkpointing(lens, cfg.gradient_checkpointing)
+    seconds: list[float] = []
     progress = tqdm(total=end, initial=state.global_step, disable=not accelerator.is_main_process)
-    while state.global_step < end:
-        batches = epoch_batches(
-            len(train), cfg.batch_size, state.epoch, cfg.seed,
-            accelerator.process_index, accelerator.num_processes,
-        )  # fmt: skip
-        for indices in batches[state.step_in_epoch :]:
-            model.train()
-            record = step_fn([train[i] for i in indices])
-            state.step_in_epoch += 1
-            state.global_step += 1
-            record |= {"step": state.global_step, "lr": scheduler.get_last_lr()[0]}
-            step = state.global_step
-            if (step == end and cfg.eval_at_end) or (cfg.eval_every and step % cfg.eval_every == 0):
-                metrics = evaluate(
-                    lens, first(val, cfg.eval_samples), max_new_tokens=cfg.max_new_tokens,
-                    accelerator=accelerator,
-                )  # fmt: skip
-                record |= {f"val_{k}": v for k, v in metrics.items() if k != "count"}
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save_checkpoint(accelerator, cfg.output_dir, state)
-            history.append(record)
-            if accelerator.is_main_process:
-                with open(log_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            accelerator.log(record, step=step)
-            if on_log:
-                on_log(record)
-            progress.update(1)
-            if step >= end:
-                break
-        else:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    progress.close()
+    try:
+        while state.global_step < end:
+            batches = epoch_batches(
+                len(train), cfg.batch_size, state.epoch, cfg.seed,
+                accelerator.process_index, accelerator.num_processes,
+            )  # fmt: skip
+            for samples in step_samples(train, batches[state.step_in_epoch :], cfg.num_workers):
+                model.train()
+                started = time.perf_counter()
+                record = step_fn(samples)
+                seconds.append(time.perf_counter() - started)
+                state.step_in_epoch += 1
+                state.global_step += 1
+                record |= {"step": state.global_step, "lr": scheduler.get_last_lr()[0]}
+                step = state.global_step
+                evaluate_now = (step == end and cfg.eval_at_end) or (
+                    cfg.eval_every and step % cfg.eval_every == 0
+                )
+                if evaluate_now and not cfg.dry_run:
+                    metrics = evaluate(
+                        lens, first(val, cfg.eval_samples), max_new_tokens=cfg.max_new_tokens,
+                        accelerator=accelerator,
+                    )  # fmt: skip
+                    record |= {f"val_{k}": v for k, v in metrics.items() if k != "count"}
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not cfg.dry_run:
+                    save_checkpoint(accelerator, cfg.output_dir, state)
+                    if accelerator.is_main_process:
+                        prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
+                    accelerator.wait_for_everyone()
+                history.append(record)
+                if accelerator.is_main_process and log_file is not None:
+                    with open(log_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                accelerator.log(record, step=step)  # (a no-op without trackers)
+                if on_log:
+                    on_log(record)
+                progress.update(1)
+                if step >= end:
+                    break
+            else:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    finally:
+        progress.close()
+        set_gradient_checkpointing(lens, False)
+        if tracking:
+            stop_trackers(accelerator)
+    if cfg.dry_run:
+        report_dry_run(accelerator, seconds)
     return history
+
+
+def report_dry_run(accelerator: Accelerator, seconds: Sequence[float]) -> None:
+    """What a dry run prints: seconds per step (the first includes warm-up) and peak memory."""
+    per_step = ", ".join(f"{s:.2f}" for s in seconds)
+    where = "GPU allocated" if accelerator.device.type == "cuda" else "resident (RSS)"
+    accelerator.print(
+        f"dry run: {len(seconds)} steps, seconds per step {per_step}; "
+        f"peak memory ({where}, process {accelerator.process_index}) "
+        f"{peak_memory_mib(accelerator.device):.0f} MiB"
+    )

@@ -10,7 +10,12 @@ BENCHMARKS = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.py"))
 
 
 def test_there_are_benchmarks() -> None:
-    assert {p.stem for p in BENCHMARKS} >= {"grpo_step", "stage1_cache", "stage2_recipes"}
+    assert {p.stem for p in BENCHMARKS} >= {
+        "grpo_step",
+        "stage1_cache",
+        "stage2_recipes",
+        "full_scale_memory",
+    }
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.stem)
