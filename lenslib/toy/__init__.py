@@ -7,7 +7,11 @@ Nothing of LENS itself lives here and no LENS module imports this package; only
   (`ToyWorld`, `ToyWorldConfig`, `ToyDataset`, `toy_corpus`).
 * `tokenizer`: a word-level tokenizer with Qwen2.5-VL's special tokens and chat template.
 * `models`: the tiny Qwen2.5-VL and SAM2; `load_bases(device)` gives the pretrained pair
-  (committed under assets/), `random_bases(world_config, seed, device)` a random one.
+  (committed under assets/; `load_bases(device, version=2)` the pair pretrained on world v2,
+  assets/v2/), `random_bases(world_config, seed, device)` a random one.
+* World v2 (`ToyWorldConfig(version=2)`): scenes where a box is not enough (overlap, inside
+  a ring or frame, occluded), non-convex kinds, an "ambiguous" split and reasoning
+  rationales; version 1 stays the default.
 * `pretrain_mllm`, `pretrain_sam`: how the committed base models were made
   (`python -m lenslib.toy.pretrain_mllm`, `python -m lenslib.toy.pretrain_sam`); `schedule` is
   their learning-rate schedule. README.md next to this file is the log of what was tried.
@@ -32,16 +36,18 @@ from lenslib.toy.expressions import (
     resolve,
     valid_specs,
 )
-from lenslib.toy.generator import Scene, ToyDataset, ToyWorld, toy_corpus
+from lenslib.toy.generator import Scene, ToyDataset, ToyWorld, box_ambiguity, toy_corpus
 from lenslib.toy.rationales import rationale
 from lenslib.toy.world import (
     DIFFICULTIES,
     GRID_WORDS,
     KINDS,
     PALETTE,
+    SCENE_KINDS,
     SIZES,
     SPLITS,
     TEST_DIFFICULTIES,
+    V2_SPLITS,
     Shape,
     ToyWorldConfig,
     grid_word,
@@ -74,9 +80,11 @@ __all__ = [
     "GRID_WORDS",
     "KINDS",
     "PALETTE",
+    "SCENE_KINDS",
     "SIZES",
     "SPLITS",
     "TEST_DIFFICULTIES",
+    "V2_SPLITS",
     "Describe",
     "Extreme",
     "Filter",
@@ -89,6 +97,7 @@ __all__ = [
     "ToyDataset",
     "ToyWorld",
     "ToyWorldConfig",
+    "box_ambiguity",
     "candidate_specs",
     "grid_word",
     "rationale",

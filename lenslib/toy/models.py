@@ -10,7 +10,9 @@ transformers / sam2 classes, shrunk:
 * SAM2: the hiera-L config with `TOY_OVERRIDES` (`toy_sam_config`); `load_toy_sam` loads the
   one pretrained by `lenslib.toy.pretrain_sam` (assets/sam/).
 
-`load_bases` and `random_bases` give both at once, as `lenslib.presets.build_lens` needs them.
+`load_bases` and `random_bases` give both at once, as `lenslib.presets.build_lens` needs them;
+`load_bases(device, version=2)` loads the pair pretrained on world v2 (assets/v2/mllm,
+assets/v2/sam; `ToyWorldConfig(version=2)`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from lenslib.toy.world import ToyWorldConfig
 ASSETS = Path(__file__).parent / "assets"
 TOY_MLLM_DIR = ASSETS / "mllm"
 TOY_SAM_DIR = ASSETS / "sam"
+# The base models pretrained on world v2 (ToyWorldConfig(version=2)); version 1 = the above.
+ASSET_DIRS = {1: (TOY_MLLM_DIR, TOY_SAM_DIR), 2: (ASSETS / "v2" / "mllm", ASSETS / "v2" / "sam")}
 INFO_FILE = "pretrain.json"  # written next to the toy MLLM by lenslib.toy.pretrain_mllm
 
 # Hydra overrides that shrink the hiera-L config to a laptop-sized toy (facts, section 6):
@@ -242,11 +246,19 @@ def load_toy_sam(
 
 # ----------------------------------------------------------------------------- both at once
 def load_bases(
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", version: int = 1
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, ProcessorMixin, SamSegmenter]:
-    """The pretrained toy base models LENS starts from: (mllm, processor, sam)."""
-    mllm, processor = load_toy_mllm(device)
-    return mllm, processor, load_toy_sam(device)
+    """The pretrained toy base models LENS starts from: (mllm, processor, sam).
+
+    version: the toy world they were pretrained on (1 = the default world, assets/mllm and
+    assets/sam; 2 = world v2, assets/v2/). `toy_mllm_world(ASSET_DIRS[version][0])` gives the
+    matching `ToyWorld`.
+    """
+    if version not in ASSET_DIRS:
+        raise ValueError(f"no toy base models for world version {version}; have {list(ASSET_DIRS)}")
+    mllm_dir, sam_dir = ASSET_DIRS[version]
+    mllm, processor = load_toy_mllm(device, directory=mllm_dir)
+    return mllm, processor, load_toy_sam(device, directory=sam_dir)
 
 
 def random_bases(

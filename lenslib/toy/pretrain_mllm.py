@@ -38,6 +38,12 @@ on 200 greedy answers, format 100%. `--init-from DIR` goes on training a saved m
 fresh schedule on new samples. Each run writes the model and processor (`save_pretrained`,
 safetensors, float32, ~5 MB) plus `pretrain.json` (config, steps, wall time, val metrics);
 `lenslib.toy.models.load_toy_mllm` loads them. README.md next to this file logs what was tried.
+
+World v2 (lenslib/toy/assets/v2/mllm/): `--world-version 2` (the "reason" rationales; the name
+look-up then starts at the rationale's deciding sentence, `locate_from="last"`), warm-started
+from the v1 asset (`--warm-start`: same architecture, the words both vocabularies share keep
+their embeddings), `--save-every-eval` saves the weights at every evaluation so a run stopped
+early leaves its last evaluated state.
 """
 
 from __future__ import annotations
@@ -112,6 +118,16 @@ class MllmPretrainConfig:
                          on training from (a fresh DenseHead and lr schedule; same world).
     sample_offset:       index of the first train sample (a run that goes on from a saved
                          model starts after the samples that model has seen).
+    warm_start:          "" = random initial weights (unless `init_from`); else a saved toy
+                         MLLM directory (possibly of ANOTHER world, e.g. v1 for a v2 run) whose
+                         weights initialise every parameter of the same name and shape, and
+                         the embedding rows of the words both vocabularies have (new words
+                         keep their random rows); `world` and the tokenizer are this run's.
+    locate_from:         where the name look-up loss starts: "first" = the answer's first
+                         naming of the target's kind (the v1 recipe: its rationale names the
+                         target once), "last" = the rationale's last naming of it (world v2's
+                         "reason" rationales list candidates first and name the target in the
+                         deciding sentence at the end).
     """
 
     steps: int = 3000
@@ -134,6 +150,8 @@ class MllmPretrainConfig:
     seed: int = 0
     init_from: str = ""
     sample_offset: int = 0
+    locate_from: str = "first"
+    warm_start: str = ""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -147,6 +165,10 @@ class MllmPretrainConfig:
             )
         if self.world.image_size % CELL:
             raise ValueError(f"image_size {self.world.image_size} must be a multiple of {CELL}")
+        if self.warm_start and self.init_from:
+            raise ValueError("use init_from (same world) or warm_start (new vocabulary), not both")
+        if self.locate_from not in ("first", "last"):
+            raise ValueError(f"locate_from must be 'first' or 'last', got {self.locate_from!r}")
 
 
 # ----------------------------------------------------------------------------- targets
@@ -251,12 +273,24 @@ def recall_positions(input_ids: Tensor, labels: Tensor, marker_id: int) -> Tenso
     return after_marker & answer
 
 
-def locate_positions(input_ids: Tensor, labels: Tensor, name_ids: Tensor) -> Tensor:
+def locate_positions(
+    input_ids: Tensor, labels: Tensor, name_ids: Tensor, think_end_id: int | None = None
+) -> Tensor:
     """(B, L) bool: the answer tokens from the first one equal to that row's `name_ids`
-    (the target's kind word in the rationale: "The blue TRIANGLE is at ...") on."""
+    (the target's kind word in the rationale: "The blue TRIANGLE is at ...") on.
+
+    With `think_end_id` (the `</think>` token): from the LAST such token before it on, i.e.
+    the naming in a "reason" rationale's deciding sentence ("The largest is the purple
+    CIRCLE, at ...").
+    """
     answer = labels != -100
-    after_name = ((input_ids == name_ids[:, None]) & answer).cumsum(dim=1) > 0
-    return after_name & answer
+    hits = (input_ids == name_ids[:, None]) & answer
+    if think_end_id is None:
+        return (hits.cumsum(dim=1) > 0) & answer
+    in_rationale = ((input_ids == think_end_id) & answer).cumsum(dim=1) == 0
+    index = torch.arange(input_ids.shape[1]).expand_as(hits)
+    last = torch.where(hits & in_rationale, index, -1).max(dim=1).values  # (B,), -1: none
+    return (index >= last[:, None]) & (last[:, None] >= 0) & answer
 
 
 def recall_loss(
@@ -344,6 +378,7 @@ def training_step(
     cfg: MllmPretrainConfig,
     recall_head: RecallHead | None = None,
     locate_head: RecallHead | None = None,
+    think_end_id: int | None = None,
 ) -> dict[str, float]:
     """One optimiser step: LM loss on the answer tokens + dense_weight * dense loss
     (+ recall_weight * answer read-out loss + locate_weight * name look-up loss)."""
@@ -369,7 +404,12 @@ def training_step(
     # 4. Name look-up loss: from the word naming the target on, the states must hold its box.
     locate = torch.zeros(())
     if cfg.locate_weight > 0:
-        where = locate_positions(batch["input_ids"], batch["labels"], targets.name_ids)
+        where = locate_positions(
+            batch["input_ids"],
+            batch["labels"],
+            targets.name_ids,
+            think_end_id if cfg.locate_from == "last" else None,
+        )
         locate = recall_loss(locate_head, out.hidden_states, batch, targets.answer_box, where)
         loss = loss + cfg.locate_weight * locate
     # 5. Backward, clip, step.
@@ -458,14 +498,55 @@ def box_iou_given_rationale(
     return float(np.mean(ious))
 
 
+# ----------------------------------------------------------------------------- warm start
+@torch.no_grad()
+def warm_start_from(model: PreTrainedModel, tokenizer, directory: str | Path) -> dict[str, int]:
+    """Copy a saved toy MLLM's weights into `model` (whose tokenizer may have more words).
+
+    Every parameter of the same name and shape is copied; the token embedding (and the tied
+    LM head) row by row for the words both vocabularies have. Returns counts of what was
+    copied ("tensors", "rows", "new_rows").
+    """
+    old_model, old_processor = load_toy_mllm(directory=directory)
+    old_ids = old_processor.tokenizer.get_vocab()
+    new_ids = tokenizer.get_vocab()
+    old_state = old_model.state_dict()
+    counts = {"tensors": 0, "rows": 0, "new_rows": 0}
+    done: set[int] = set()  # tied weights appear twice in the state dict
+    for name, tensor in model.state_dict().items():
+        old = old_state.get(name)
+        if old is None or tensor.data_ptr() in done:
+            continue
+        done.add(tensor.data_ptr())
+        if tensor.shape[0] == len(tokenizer) and old.shape[0] == len(old_ids):
+            if tensor.shape[1:] != old.shape[1:]:
+                continue
+            for word, i in new_ids.items():  # embedding / LM head: row per shared word
+                if word in old_ids:
+                    tensor[i] = old[old_ids[word]]
+                    counts["rows"] += 1
+                else:
+                    counts["new_rows"] += 1
+            counts["tensors"] += 1
+        elif tensor.shape == old.shape:
+            tensor.copy_(old)
+            counts["tensors"] += 1
+    return counts
+
+
 # ----------------------------------------------------------------------------- the loop
 def pretrain(
     cfg: MllmPretrainConfig,
     eval_every: int = 0,
     eval_samples: int = 100,
     log: Callable[[str], None] = print,
+    checkpoint: Callable[[PreTrainedModel, ProcessorMixin, dict], None] | None = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
-    """Train a fresh toy Qwen2.5-VL with `cfg`; returns (model, processor, training info)."""
+    """Train a fresh toy Qwen2.5-VL with `cfg`; returns (model, processor, training info).
+
+    `checkpoint(model, processor, info)`, if given, is called after every evaluation (every
+    `eval_every` steps) with the training info so far, e.g. to save intermediate weights.
+    """
     world = ToyWorld(cfg.world, seed=cfg.world_seed)
     if cfg.init_from:
         model, processor = load_toy_mllm(directory=cfg.init_from)
@@ -476,6 +557,9 @@ def pretrain(
         model, processor = build_toy_mllm(
             tokenizer, image_size=cfg.world.image_size, seed=cfg.seed, **cfg.model
         )
+        if cfg.warm_start:
+            copied = warm_start_from(model, tokenizer, cfg.warm_start)
+            log(f"warm start from {cfg.warm_start}: {copied}")
     layers = model.config.text_config.num_hidden_layers
     if not 0 <= cfg.dense_layer <= layers:
         raise ValueError(f"dense_layer {cfg.dense_layer} must lie in 0..{layers} (LM layers)")
@@ -486,6 +570,7 @@ def pretrain(
         len(cfg.world.kinds),
         cfg.dense_box_bins,
     )
+    think_end_id = processor.tokenizer.convert_tokens_to_ids("</think>")
     marker_id = processor.tokenizer.convert_tokens_to_ids(LABEL_MARKER)
     if marker_id == processor.tokenizer.unk_token_id:
         raise ValueError(f"the toy tokenizer has no single token {LABEL_MARKER!r}")
@@ -508,7 +593,7 @@ def pretrain(
         samples = world.split("train", cfg.batch_size, start=first)
         batch, targets = make_batch(samples, processor, cfg)
         losses = training_step(
-            model, head, batch, targets, optimizer, cfg, recall_head, locate_head
+            model, head, batch, targets, optimizer, cfg, recall_head, locate_head, think_end_id
         )
         scheduler.step()
         if step % 25 == 0 or step == cfg.steps - 1:
@@ -521,6 +606,9 @@ def pretrain(
             metrics = evaluate_mllm(model, processor, world, "val", eval_samples)
             history.append({"step": step + 1, "minutes": (time.time() - start) / 60, **metrics})
             log(f"eval {history[-1]}")
+            if checkpoint is not None:
+                checkpoint(model, processor, {"steps_done": step + 1, "history": history})
+                model.train()
     model.eval()
     info = {"steps": cfg.steps, "train_minutes": (time.time() - start) / 60, "history": history}
     return model, processor, info
@@ -566,6 +654,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--locate-weight", type=float, default=defaults.locate_weight)
     parser.add_argument("--model", type=json.loads, default={}, help="e.g. '{\"num_layers\": 4}'")
     parser.add_argument("--world", type=json.loads, default={}, help="ToyWorldConfig fields")
+    parser.add_argument(
+        "--world-version",
+        type=int,
+        default=None,
+        help="ToyWorldConfig.version (2 = world v2; also sets --locate-from last)",
+    )
+    parser.add_argument("--locate-from", choices=("first", "last"), default=None)
+    parser.add_argument(
+        "--warm-start", default="", help="initialise from a saved toy MLLM of another world"
+    )
+    parser.add_argument(
+        "--save-every-eval",
+        action="store_true",
+        help="save the weights to --out after every --eval-every evaluation (partial runs)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--init-from", default="", help="go on training a saved toy MLLM")
     parser.add_argument("--eval-every", type=int, default=0)
@@ -589,6 +692,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ),
             "total_train_minutes": saved.get("total_train_minutes", saved["train_minutes"]),
         }
+    world = dict(args.world)
+    if args.world_version is not None:
+        world["version"] = args.world_version
+    locate_from = args.locate_from or ("last" if world.get("version", 1) == 2 else "first")
     cfg = MllmPretrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -601,13 +708,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
         recall_weight=args.recall_weight,
         locate_weight=args.locate_weight,
         model=args.model,
-        world=world_config_from_dict(args.world),
+        world=world_config_from_dict(world),
         seed=args.seed,
         init_from=str(args.init_from),
         sample_offset=previous["total_samples"],
+        locate_from=locate_from,
+        warm_start=str(args.warm_start),
     )
     start = time.time()
-    model, processor, info = pretrain(cfg, eval_every=args.eval_every)
+
+    def save_partial(model, processor, partial: dict) -> None:
+        """Intermediate weights + what is known so far (marked "partial")."""
+        info = {"partial": True, "config": config_dict(cfg), **partial}
+        info |= {"val": {"split": "val", "greedy": True, **partial["history"][-1]}}
+        save_toy_mllm(model, processor, args.out, info)
+
+    model, processor, info = pretrain(
+        cfg,
+        eval_every=args.eval_every,
+        checkpoint=save_partial if args.save_every_eval else None,
+    )
     world = ToyWorld(cfg.world, seed=cfg.world_seed)
     metrics = evaluate_mllm(model, processor, world, "val", args.eval_samples)
     info |= {

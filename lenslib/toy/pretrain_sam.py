@@ -21,6 +21,14 @@ toy scale no pretrained SAM2 exists, so this module trains one, the way SAM was 
   of the side), and sometimes 1-3 random positive clicks inside the object. Training on more
   than box corners makes the sparse-prompt space richer, which is what LENS's context tokens
   later have to speak.
+* Optionally (`negative_points`, `refine_rounds`; off by default, which is the recipe of the
+  committed v1 asset) the clicks of SAM's interactive training: a click prompt also gets
+  negative clicks on OTHER objects of the image (the occluder, the ring around it), and after
+  each prediction one more click per object is drawn from the error region of the previous
+  mask (`error_clicks`: a false-negative pixel as a positive click, a false-positive pixel as
+  a negative one), added to the object's prompt (box prompts keep their box) and decoded
+  again; every round is supervised. SAM also feeds the previous mask logits back as a dense
+  prompt; LENS never uses mask prompts, so this recipe does not.
 * Loss per object: L_seg = dice + BCE (`lenslib.losses.seg_loss`, the loss of eqs. 5 and 12)
   on the logits upsampled to the image size, for mask token 0 (the single-mask output LENS
   uses) and for the BEST of the 3 multimask outputs (as SAM trains them), plus the
@@ -31,7 +39,8 @@ Read `training_step` top to bottom for one step. The CLI
 
     python -m lenslib.toy.pretrain_sam --out lenslib/toy/assets/sam --steps 1500
 
-writes float16 weights + a json (`lenslib.sam_io.save_sam`); `lenslib.toy.models.load_toy_sam`
+(world v2, clicks as SAM was trained: `--world-version 2 --point-fraction 0.3
+--negative-points 2 --refine-rounds 1 --out lenslib/toy/assets/v2/sam`) writes float16 weights + a json (`lenslib.sam_io.save_sam`); `lenslib.toy.models.load_toy_sam`
 loads them (val IoU 0.958 with ground-truth boxes as prompts).
 """
 
@@ -73,6 +82,10 @@ class PretrainConfig:
     box_noise:      std of each box-corner offset as a fraction of the box side (SAM: 0.1).
     loss_kind:      "bce" (authors' code) or "focal" for the pixel term of seg_loss.
     iou_weight:     weight of the IoU-prediction MSE.
+    negative_points: a click prompt also gets 0..negative_points negative clicks on other
+                    objects of its image (0 = none: the v1 recipe).
+    refine_rounds:  after the first prediction, this many rounds of one more click per object
+                    from the previous mask's error region (0 = none: the v1 recipe).
     seed:           torch seed (init) and numpy seed (prompts).
     world, world_seed: the toy world the images come from (train split for training; the
                     world is seeded by sample index, so its splits do not depend on `seed`).
@@ -86,6 +99,8 @@ class PretrainConfig:
     warmup_steps: int = 30
     point_fraction: float = 0.2
     max_points: int = 3
+    negative_points: int = 0
+    refine_rounds: int = 0
     box_noise: float = 0.05
     loss_kind: str = "bce"
     iou_weight: float = 1.0
@@ -105,6 +120,8 @@ class PretrainConfig:
             raise ValueError(f"point_fraction must lie in [0, 1], got {self.point_fraction}")
         if self.max_points < 1:
             raise ValueError(f"max_points must be >= 1, got {self.max_points}")
+        if self.negative_points < 0 or self.refine_rounds < 0:
+            raise ValueError("negative_points and refine_rounds must be >= 0")
 
 
 # ---- data: objects and prompts --------------------------------------------------------------
@@ -125,6 +142,7 @@ class Prompts:
 class Batch:
     images: list[np.ndarray]  # (H, W, 3) uint8
     groups: list[Prompts]  # box prompts and click prompts (either may be missing)
+    step: int = 0  # seeds the error-region clicks of refinement rounds
 
 
 def scene_objects(sample: SegSample) -> list[np.ndarray]:
@@ -170,6 +188,63 @@ def click_prompts(
     return coords, labels
 
 
+def negative_clicks(
+    others: np.ndarray, mask: np.ndarray, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(n, 2) negative clicks (x, y): on `others` (the image's other objects) when it has
+    pixels, else on the background outside `mask`."""
+    region = others if others.any() else ~mask.astype(bool)
+    return random_points(region, n, rng)
+
+
+def add_negative_clicks(
+    points: tuple[Tensor, Tensor],
+    objects: list[tuple[int, np.ndarray]],
+    image_masks: list[list[np.ndarray]],
+    max_negative: int,
+    rng: np.random.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Append 0..max_negative negative clicks (label 0) per object, padded with label -1."""
+    coords, labels = points
+    p = len(objects)
+    extra_coords = torch.zeros(p, max_negative, 2)
+    extra_labels = torch.full((p, max_negative), -1, dtype=torch.int32)
+    for i, (image_index, mask) in enumerate(objects):
+        n = int(rng.integers(0, max_negative + 1))
+        if n == 0:
+            continue
+        others = np.zeros(mask.shape, dtype=bool)
+        for other in image_masks[image_index]:
+            if other is not mask:
+                others |= other.astype(bool)
+        extra_coords[i, :n] = torch.from_numpy(negative_clicks(others, mask, n, rng))
+        extra_labels[i, :n] = 0
+    return torch.cat([coords, extra_coords], 1), torch.cat([labels, extra_labels], 1)
+
+
+def error_clicks(
+    predicted: np.ndarray, target: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One click per object from the error region of its previous prediction, as SAM trains.
+
+    predicted, target: (P, H, W) bool. A pixel is drawn uniformly from the error region
+    (false negatives | false positives): a false negative gives a positive click (label 1),
+    a false positive a negative one (label 0). With no error, a positive click on the target.
+    Returns coords (P, 2) as (x, y) and labels (P,).
+    """
+    coords = np.zeros((len(target), 2), dtype=np.float32)
+    labels = np.ones(len(target), dtype=np.int32)
+    for i, (pred, true) in enumerate(zip(predicted, target, strict=True)):
+        missed, extra = true & ~pred, pred & ~true
+        error = missed | extra
+        region = error if error.any() else true
+        ys, xs = np.nonzero(region)
+        k = rng.integers(len(xs))
+        coords[i] = xs[k], ys[k]
+        labels[i] = int(bool(true[ys[k], xs[k]]))
+    return coords, labels
+
+
 def make_batch(world: ToyWorld, step: int, cfg: PretrainConfig) -> Batch:
     """Train images step*B .. step*B + B-1 and one prompt per object (seeded by step)."""
     rng = np.random.default_rng([cfg.seed, step])
@@ -178,8 +253,10 @@ def make_batch(world: ToyWorld, step: int, cfg: PretrainConfig) -> Batch:
     size = samples[0].image.shape[0]
     box_objects: list[tuple[int, np.ndarray]] = []
     click_objects: list[tuple[int, np.ndarray]] = []
+    image_masks: list[list[np.ndarray]] = []
     for image_index, sample in enumerate(samples):
-        for mask in scene_objects(sample):
+        image_masks.append(scene_objects(sample))
+        for mask in image_masks[-1]:
             use_clicks = rng.random() < cfg.point_fraction
             (click_objects if use_clicks else box_objects).append((image_index, mask))
 
@@ -189,8 +266,12 @@ def make_batch(world: ToyWorld, step: int, cfg: PretrainConfig) -> Batch:
         groups.append(_prompts(box_objects, boxes=torch.from_numpy(np.stack(boxes))))
     if click_objects:
         points = click_prompts([m for _, m in click_objects], cfg.max_points, rng)
+        if cfg.negative_points:
+            points = add_negative_clicks(
+                points, click_objects, image_masks, cfg.negative_points, rng
+            )
         groups.append(_prompts(click_objects, points=points))
-    return Batch(images=[s.image for s in samples], groups=groups)
+    return Batch(images=[s.image for s in samples], groups=groups, step=step)
 
 
 def _prompts(objects: list[tuple[int, np.ndarray]], **prompt) -> Prompts:
@@ -262,34 +343,54 @@ def training_step(
     size = batch.images[0].shape[:2]
 
     # 2. Decode every object with its prompt; all 4 mask tokens, upsampled to the image size.
+    #    With refine_rounds, decode again with one more click from the error region.
     n_objects = sum(len(group) for group in batch.groups)
+    rounds = 1 + cfg.refine_rounds
     totals = {"single": 0.0, "multi": 0.0, "iou": 0.0}
     loss = torch.zeros(())
+    rng = np.random.default_rng([cfg.seed, batch.step, 1])  # unused without refine_rounds
     for group in batch.groups:
         per_object = SamFeatures(  # each object gets its image's features
             image_embed=features.image_embed[group.image_index],
             high_res=tuple(level[group.image_index] for level in features.high_res),
         )
-        low_res, iou_pred = seg.predict_all_masks(
-            per_object,
-            boxes=group.boxes,
-            points=group.points,
-            orig_sizes=[size] * len(group),
-        )  # (P, 4, S/4, S/4), (P, 4)
-        logits = upsample_logits(low_res, [size] * len(group))  # (P, 4, H, W)
+        points = group.points
+        for round_index in range(rounds):
+            low_res, iou_pred = seg.predict_all_masks(
+                per_object,
+                boxes=group.boxes,
+                points=points,
+                orig_sizes=[size] * len(group),
+            )  # (P, 4, S/4, S/4), (P, 4)
+            logits = upsample_logits(low_res, [size] * len(group))  # (P, 4, H, W)
 
-        # 3. SAM's losses, weighted by the group's share of the objects.
-        losses = mask_losses(logits, iou_pred, group.targets, cfg)
-        share = len(group) / n_objects
-        loss = loss + share * (losses["single"] + losses["multi"] + cfg.iou_weight * losses["iou"])
-        for name, value in losses.items():
-            totals[name] += share * value.item()
+            # 3. SAM's losses, weighted by the group's share of the objects (and rounds).
+            losses = mask_losses(logits, iou_pred, group.targets, cfg)
+            share = len(group) / n_objects / rounds
+            total = losses["single"] + losses["multi"] + cfg.iou_weight * losses["iou"]
+            loss = loss + share * total
+            for name, value in losses.items():
+                totals[name] += share * value.item()
+            if round_index + 1 < rounds:  # one more click per object from this error region
+                predicted = (logits[:, 0] > 0).detach().cpu().numpy()
+                xy, labels = error_clicks(predicted, group.targets.numpy().astype(bool), rng)
+                points = append_clicks(points, torch.from_numpy(xy), torch.from_numpy(labels))
 
     # 4. Backpropagate into decoder and prompt encoder (and, in phase 2, the image encoder).
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return {"loss": loss.item(), **totals}
+
+
+def append_clicks(
+    points: tuple[Tensor, Tensor] | None, xy: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Add one click (xy (P, 2), labels (P,)) to every object's click prompt (or start one)."""
+    new = (xy.float()[:, None, :], labels.int()[:, None])
+    if points is None:
+        return new
+    return torch.cat([points[0], new[0]], 1), torch.cat([points[1].int(), new[1]], 1)
 
 
 def set_trainable(seg: SamSegmenter, decoder: bool, encoder: bool) -> None:
@@ -456,6 +557,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-images", type=int, default=defaults.batch_images)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--point-fraction", type=float, default=defaults.point_fraction)
+    parser.add_argument("--negative-points", type=int, default=defaults.negative_points)
+    parser.add_argument("--refine-rounds", type=int, default=defaults.refine_rounds)
+    parser.add_argument(
+        "--world-version", type=int, default=1, help="ToyWorldConfig.version (2 = world v2)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--box-noise", type=float, default=defaults.box_noise)
     parser.add_argument("--loss-kind", choices=("bce", "focal"), default=defaults.loss_kind)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -467,6 +574,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Pretrain, save float16 weights, reload them and score the reloaded model on val."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = PretrainConfig(
         steps=args.steps,
         decoder_first_steps=(
@@ -478,9 +587,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         lr=args.lr,
         warmup_steps=min(PretrainConfig.warmup_steps, max(1, args.steps // 10)),
         point_fraction=args.point_fraction,
+        negative_points=args.negative_points,
+        refine_rounds=args.refine_rounds,
         box_noise=args.box_noise,
         loss_kind=args.loss_kind,
         seed=args.seed,
+        world=ToyWorldConfig(version=args.world_version),
     )
     seg, summary = pretrain(cfg, log_every=args.log_every)
     save_sam(seg, args.out, summary)
@@ -493,6 +605,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             loaded, world, "val", args.eval_samples, stability_fallback=True
         ),
         "val_one_click": evaluate_sam_with_click(loaded, world, "val", args.eval_samples),
+        "gt_box_by_split": {
+            split: evaluate_sam_with_boxes(loaded, world, split, args.eval_samples)
+            for split in cfg.world.splits
+            if split != "train"
+        },
         "parameters": loaded.parameter_counts(),
         "pretrain_config": asdict(cfg),
     }

@@ -17,10 +17,8 @@ attribute the comparison needs, then the comparison that decides and where the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from lenslib.toy.expressions import (
     Describe,
@@ -164,9 +162,10 @@ def reasoned_rationale(
             about = f"The {name(a)} is {colour}."
             return f"{about} {listing(spec.filter, None, skip=a)} Also {colour} is {ending}"
         by_size = spec.relation in SIZE_RELATIONS
-        about = f"The {name(a)} is {shapes[a].size}." if by_size else f"The {name(a)} is at " + (
-            f"the {where(a)}."
-        )
+        if by_size:
+            about = f"The {name(a)} is {shapes[a].size}."
+        else:
+            about = f"The {name(a)} is at the {where(a)}."
         note = size_of if by_size else where
         opening = relation_opening(spec.relation)
         return f"{about} {listing(spec.filter, note, skip=a)} {opening} it is {ending}"
