@@ -88,7 +88,7 @@ def toy_qwen_config(
     mrope_section: Sequence[int] | None = None,
     tie_word_embeddings: bool = True,
 ) -> Qwen2_5_VLConfig:
-    """A small Qwen2.5-VL config whose token ids match `tokenizer` (facts file, sections 5, 9).
+    """A small Qwen2.5-VL config whose token ids match `tokenizer` (vision out width = text hidden, mRoPE sections summing to head_dim / 2).
 
     Defaults: text 128 wide x 4 layers (4 layers localised better than 2 at the same budget),
     vision 64 wide x 2 blocks, head_dim 32 -> mrope_section [4, 6, 6]. `rope_theta` 10 (Qwen:

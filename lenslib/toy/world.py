@@ -8,7 +8,7 @@ boxes of those masks with exclusive x2/y2 edges (see `lenslib.data.masks`). `gri
 where a box centre lies on a 3x3 grid ("top left", ..., "center", ...).
 
 Why the defaults look as they do: a tiny MLLM trained from scratch learns the answer format in
-a minute but learns *where* things are slowly (facts file, section 9). Large shapes, few of
+a minute but learns *where* things are slowly. Large shapes, few of
 them, saturated colours and a dark background with a faint colour ramp (red grows to the right,
 blue downwards, so every pixel "knows" where it is) keep localisation learnable; every one of
 these is a field of `ToyWorldConfig`, so the pretraining recipes can tune them.
