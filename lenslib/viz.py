@@ -9,6 +9,8 @@
 * `rationale_panel`:      a chain of thought wrapped into lines for a figure.
 * `explorer`:             an ipywidgets slider that steps through figures (samples, rollouts),
                           with `static_figures` as the fallback where widgets do not render.
+* `pipeline_figure`:      the LENS pipeline (paper Fig. 2): MLLM -> CoT + box -> context queries
+                          -> connector -> SAM2 -> mask, coloured by what a stage trains.
 
 Every plotting function returns its Figure and never calls `plt.show()`: a notebook shows the
 figure it gets, a script saves it (`fig.savefig(...)`).
@@ -39,10 +41,13 @@ from lenslib.data.images import check_rgb_image
 BoxLike = Sequence[float]
 MaskLike = np.ndarray | torch.Tensor
 
-# Prediction = pink, ground truth = green. Pink is in neither the toy world's palette nor most
-# photos; every line gets a dark outline so it shows on any background.
-MASK_COLOR = (255, 20, 147)  # the predicted mask's tint and contour
-BOX_COLOR = (255, 20, 147)  # the predicted box
+# Prediction = white, ground truth = green. The toy world paints saturated shapes (red, green, blue,
+# yellow, purple) on a dark background: white is the colour farthest from all of them, so a
+# predicted mask shows as a pale, white-edged region on any shape (a pink tint on a red or purple
+# shape was hard to tell from the shape). Every line gets a dark outline so it shows on any
+# background.
+MASK_COLOR = (255, 255, 255)  # the predicted mask's tint and contour
+BOX_COLOR = (255, 255, 255)  # the predicted box
 GT_BOX_COLOR = "#00e676"  # the ground-truth box (dashed)
 OUTLINE_COLOR = (0, 0, 0)
 CUT = " [...]"  # ends a rationale cut by `rationale_panel(max_lines=...)`
@@ -160,7 +165,7 @@ def show_prediction(
     gt_box: BoxLike | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Draw one prediction on `ax`: the tinted mask, the predicted box (solid pink) and the
+    """Draw one prediction on `ax`: the tinted mask, the predicted box (solid white) and the
     ground-truth box (dashed green). Returns the Axes' Figure."""
     ax.imshow(overlay(image, mask))
     if box is not None:
@@ -248,7 +253,7 @@ def plot_group(
                      transform=text_ax.transAxes)  # fmt: skip
     heading = f"one GRPO group: G = {g} rollouts of " + (repr(prompt) if prompt else "one prompt")
     fig.suptitle(
-        heading + "\npink: the rollout's mask and box    dashed green: the ground-truth box",
+        heading + "\nwhite: the rollout's mask and box    dashed green: the ground-truth box",
         fontsize=10,
     )
     fig.tight_layout()
@@ -329,6 +334,7 @@ def plot_training_curves(
 __all__ = [
     "draw_box",
     "overlay",
+    "pipeline_figure",
     "plot_group",
     "plot_training_curves",
     "rationale_panel",
@@ -368,3 +374,148 @@ def explorer(count: int, draw: Callable[[int], Figure], description: str = "item
 def static_figures(count: int, draw: Callable[[int], Figure], limit: int = 3) -> list[Figure]:
     """The first `limit` of the explorer's figures, drawn once: its static fallback."""
     return [draw(index) for index in range(min(count, limit))]
+
+
+# ------------------------------------------------------------------------------- pipeline
+# The parts of LENS that have weights, in the order of paper Fig. 2, and what each stage trains
+# (`LensModel.set_stage`): stage 1 (alignment, eq. 5) only the context module; stage 2 (GRPO,
+# eq. 12) everything but SAM2's image encoder (the MLLM's vision tower too, unless
+# `train_vision_tower=False`).
+PIPELINE_PARTS = ("mllm", "queries", "connector", "sam_encoder", "sam_decoder")
+STAGE_TRAINS = {
+    "align": frozenset({"queries", "connector"}),
+    "rl": frozenset({"mllm", "queries", "connector", "sam_decoder"}),
+}
+TRAINS_COLOR = "#ff8a50"  # warm: the part learns in this stage
+FROZEN_COLOR = "#b3e5fc"  # icy: the part is frozen
+PART_COLOR = "#e8eaf6"  # stage=None: a module, whatever the stage
+DATA_COLOR = "#ffffff"  # inputs and outputs (no weights)
+
+
+def trained_parts(stage: str | None) -> frozenset[str]:
+    """The parts of `PIPELINE_PARTS` that learn in `stage` ("align" or "rl"); None: none."""
+    if stage is None:
+        return frozenset()
+    if stage not in STAGE_TRAINS:
+        raise ValueError(f"stage must be None, 'align' or 'rl', got {stage!r}")
+    return STAGE_TRAINS[stage]
+
+
+def pipeline_figure(stage: str | None = None) -> Figure:
+    """LENS as a block diagram (paper Fig. 2): image + question -> Qwen2.5-VL -> chain of thought
+    + box; M context queries read the MLLM's state -> connector -> SAM2 -> mask.
+
+    stage=None labels every module with what it does in both stages; stage="align" (stage 1,
+    eq. 5) or "rl" (stage 2, eqs. 6-12) colours each module warm if it trains in that stage and
+    icy (hatched) if it is frozen, and names the losses / rewards of the stage. Matplotlib only;
+    returns the Figure (`fig.savefig("docs/pipeline.png")`).
+    """
+    trains = trained_parts(stage)
+    fig, ax = plt.subplots(figsize=(12.5, 4.6))
+    ax.set_xlim(0, 12.5)
+    ax.set_ylim(-0.5, 4.5)
+    ax.axis("off")
+
+    def block(key, x, y, w, h, text, part=None):
+        if part is None:
+            color, hatch, note = DATA_COLOR, None, None
+        elif stage is None:
+            color, hatch = PART_COLOR, None
+            note = "align: " + ("trains" if part in STAGE_TRAINS["align"] else "frozen")
+            note += " | RL: " + ("trains" if part in STAGE_TRAINS["rl"] else "frozen")
+        else:
+            color = TRAINS_COLOR if part in trains else FROZEN_COLOR
+            hatch = None if part in trains else "///"
+            note = "TRAINS" if part in trains else "frozen"
+        patch = plt.Rectangle((x, y), w, h, facecolor=color, edgecolor="#37474f", linewidth=1.4,
+                              hatch=hatch, linestyle="-" if part else "--", gid=key)  # fmt: skip
+        ax.add_patch(patch)
+        ax.text(
+            x + w / 2, y + h / 2 + (0.1 if note else 0.0), text, ha="center", va="center",
+            fontsize=9, gid=key,
+            bbox={"facecolor": color, "edgecolor": "none", "pad": 1} if hatch else None,
+        )  # fmt: skip
+        if note:
+            weight = "bold" if note == "TRAINS" else "normal"
+            ax.text(
+                x + w / 2, y + 0.07, note, ha="center", va="bottom", fontsize=7.5, weight=weight,
+                color="#bf360c" if note == "TRAINS" else "#37474f", gid=f"{key}:note",
+                bbox={"facecolor": color, "edgecolor": "none", "pad": 0.5} if hatch else None,
+            )  # fmt: skip
+        return x, y, w, h
+
+    def arrow(start, end, label=None, offset=(0.0, 0.12)):
+        ax.annotate("", xy=end, xytext=start,
+                    arrowprops={"arrowstyle": "-|>", "color": "#37474f", "lw": 1.3})  # fmt: skip
+        if label:
+            mid = ((start[0] + end[0]) / 2 + offset[0], (start[1] + end[1]) / 2 + offset[1])
+            ax.text(*mid, label, ha="center", va="bottom", fontsize=8, color="#263238")
+
+    block("input", 0.1, 1.7, 1.5, 1.1, "image\n+ question")
+    block("mllm", 2.2, 1.5, 2.0, 1.5, "Qwen2.5-VL\n(MLLM)\nreasons: eq. 1", "mllm")
+    block(
+        "cot",
+        4.7,
+        3.2,
+        3.4,
+        1.0,
+        "chain of thought + box\n<think>...</think>\n<answer>[x1, y1, x2, y2]</answer>",
+    )
+    block(
+        "queries",
+        2.2,
+        -0.35,
+        2.0,
+        1.15,
+        "M context queries\n(appended after the answer)",
+        "queries",
+    )
+    block("connector", 5.0, 1.5, 1.7, 1.4, "connector\n(4 transformer\nblocks): eq. 3", "connector")
+    block(
+        "sam_decoder",
+        7.6,
+        1.5,
+        2.2,
+        1.4,
+        "SAM2 prompt encoder\n+ mask decoder: eq. 4",
+        "sam_decoder",
+    )
+    block("sam_encoder", 7.6, -0.35, 2.2, 1.15, "SAM2 image encoder", "sam_encoder")
+    block("mask", 10.6, 1.7, 1.6, 1.0, "mask")
+
+    arrow((1.6, 2.25), (2.2, 2.25))
+    arrow((4.2, 2.9), (4.7, 3.55), "generate", offset=(-0.25, 0.05))
+    arrow((3.2, 0.8), (3.2, 1.5), "one more\nforward", offset=(0.55, -0.3))
+    arrow((4.2, 2.2), (5.0, 2.2), "Q\u2032: eq. 2")
+    arrow((6.7, 2.2), (7.6, 2.2), "Q_seg")
+    arrow((8.7, 0.8), (8.7, 1.5), "features", offset=(0.45, -0.25))
+    arrow((9.8, 2.2), (10.6, 2.2))
+    ax.text(7.45, 0.22, "image \u2192", ha="right", va="center", fontsize=8, color="#263238")
+
+    if stage == "align":
+        title = "Stage 1, alignment (eq. 5): only the context module learns"
+        ax.text(4.7 + 1.7, 4.3, "teacher forced: the MLLM reads the ground-truth answer",
+                ha="center", fontsize=8, style="italic")  # fmt: skip
+        ax.text(11.4, 1.6, "L_seg = dice + BCE\nvs the ground-truth mask", ha="center", va="top",
+                fontsize=8, color="#bf360c")  # fmt: skip
+    elif stage == "rl":
+        title = (
+            "Stage 2, GRPO with unified rewards (eqs. 6-12): all but SAM2's image encoder learns"
+        )
+        ax.text(8.25, 3.15, "R_format, R_box", ha="left", va="top", fontsize=8, color="#bf360c")
+        ax.text(11.4, 1.6, "R_seg (eq. 11)\n+ \u03b1 L_seg (eq. 12)", ha="center", va="top",
+                fontsize=8, color="#bf360c")  # fmt: skip
+        ax.text(4.7 + 1.7, 4.3, "G sampled answers per question, each with its own mask",
+                ha="center", fontsize=8, style="italic")  # fmt: skip
+    else:
+        title = "LENS (paper Fig. 2): reason, read the reasoning out, segment"
+    ax.set_title(title, fontsize=11, loc="left")
+    if stage is not None:
+        handles = [
+            plt.Rectangle((0, 0), 1, 1, facecolor=TRAINS_COLOR, edgecolor="#37474f"),
+            plt.Rectangle((0, 0), 1, 1, facecolor=FROZEN_COLOR, edgecolor="#37474f", hatch="///"),
+        ]
+        ax.legend(handles, ["trains in this stage", "frozen"], loc="lower right", fontsize=8,
+                  frameon=False)  # fmt: skip
+    fig.tight_layout()
+    return fig

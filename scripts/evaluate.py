@@ -30,7 +30,7 @@ max_new_tokens = args.max_new_tokens
 output_dir = args.output_dir
 cpu = args.cpu
 
-# --- notebook cell 3 ---
+# --- notebook cell 4 ---
 # NBVAL_IGNORE_OUTPUT
 from lenslib.evaluate import markdown_table, write_reports
 from lenslib.predict import load_model

@@ -39,20 +39,20 @@ print(" i  format  box   seg   R      A")
 for i in range(group_size):
     print(f"{i:2d}  {r_format[i]:.0f}     {r_box[i]:.2f}  {r_seg[i]:.2f}  {reward[i]:.2f}  {advantage[i]:+.2f}")
 
-# --- notebook cell 7 ---
+# --- notebook cell 9 ---
 assert abs(advantage.sum().item()) < 1e-5
 assert torch.equal(advantage.argsort(), reward.argsort())
 assert advantage.argmin().item() == 3 and advantage.argmax().item() == 4
 print("mean reward:", round(reward.mean().item(), 4), " population std:", round(reward.std(unbiased=False).item(), 4))
 
-# --- notebook cell 9 ---
+# --- notebook cell 11 ---
 pop = grpo.group_advantages(reward, group_size, std="population")
 bessel = grpo.group_advantages(reward, group_size, std="bessel")
 ratio = (bessel / pop).mean().item()
 print(f"bessel / population = {ratio:.4f}   sqrt(7/8) = {(7 / 8) ** 0.5:.4f}")
 assert abs(ratio - (7 / 8) ** 0.5) < 1e-3
 
-# --- notebook cell 11 ---
+# --- notebook cell 13 ---
 spread = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
 easy = 2.9 + 0.01 * spread  # rewards in [2.90, 2.97]
 hard = 0.3 + 0.10 * spread  # rewards in [0.30, 1.00]
@@ -69,7 +69,7 @@ assert torch.allclose(scaled[:8], scaled[8:16], atol=1e-2)  # same ranking -> sa
 assert unscaled[8:16].abs().max() > 9 * unscaled[:8].abs().max()
 assert torch.equal(scaled[16:], torch.zeros(8))
 
-# --- notebook cell 14 ---
+# --- notebook cell 16 ---
 def gradient_at(ratio: float, a: float) -> float:
     lp = torch.tensor([[ratio]]).log().requires_grad_(True)
     objective, _ = grpo.clipped_surrogate(lp, torch.zeros(1, 1), torch.tensor([a]), eps_low, eps_high)
@@ -83,7 +83,7 @@ assert gradient_at(1.5, +1) == 0.0  # A > 0, already more likely than 1 + eps: s
 assert gradient_at(0.5, -1) == 0.0  # A < 0, already less likely than 1 - eps: stop
 assert gradient_at(0.5, +1) > 0 and gradient_at(1.5, -1) < 0  # moving back is never clipped
 
-# --- notebook cell 16 ---
+# --- notebook cell 20 ---
 p = torch.tensor([0.40, 0.25, 0.15, 0.12, 0.08])  # pi_theta
 uniform = torch.full((5,), 0.2)
 shifts = torch.linspace(0, 1, 11)
@@ -103,7 +103,7 @@ for row in zip(shifts.tolist(), true_kl, mean_k3, std_k3, std_k1):
 assert all(abs(a - b) < 1e-5 for a, b in zip(true_kl, mean_k3))  # unbiased
 assert all(s3 <= s1 + 1e-6 for s3, s1 in zip(std_k3[1:6], std_k1[1:6]))  # less noisy near pi_ref
 
-# --- notebook cell 19 ---
+# --- notebook cell 25 ---
 mask = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
 weights = {}
 for aggregation in ("grpo", "bnpo", "dr_grpo", "dapo"):
@@ -115,7 +115,7 @@ assert weights["grpo"][0] == 4 * weights["grpo"][1]  # 1/(2*2) vs 1/(2*8)
 for other in ("bnpo", "dr_grpo", "dapo"):
     assert weights[other][0] == weights[other][1]  # token-level: every token equal
 
-# --- notebook cell 21 ---
+# --- notebook cell 27 ---
 torch.manual_seed(0)
 logits = torch.randn(2, 3, 6, requires_grad=True)  # (rollouts, tokens, vocabulary)
 tokens = torch.tensor([[1, 2, 3], [4, 4, 5]])

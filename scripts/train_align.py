@@ -38,19 +38,21 @@ model = build_lens(config, device=accelerator.device)
 train, val = train_val_data(config)
 accelerator.print(f"{config.name}: {len(train)} training samples, {len(val)} validation samples")
 
-# --- notebook cell 11 ---
+# --- notebook cell 12 ---
 # NBVAL_IGNORE_OUTPUT
 probe = take(val, config.align.eval_samples)
-untrained = evaluate(model, probe, max_new_tokens=config.align.max_new_tokens, accelerator=accelerator)
-tf_untrained = teacher_forced_metrics(model, probe, accelerator=accelerator)
-accelerator.print("untrained context module, greedy:", {k: round(v, 3) for k, v in untrained.items()})
-accelerator.print("untrained context module, teacher forced:", {k: round(v, 3) for k, v in tf_untrained.items()})
+if not config.align.dry_run:  # a dry run only times 2 steps: no evaluation
+    untrained = evaluate(model, probe, max_new_tokens=config.align.max_new_tokens, accelerator=accelerator)
+    tf_untrained = teacher_forced_metrics(model, probe, accelerator=accelerator)
+    accelerator.print("untrained context module, greedy:", {k: round(v, 3) for k, v in untrained.items()})
+    accelerator.print("untrained context module, teacher forced:", {k: round(v, 3) for k, v in tf_untrained.items()})
 
-# --- notebook cell 13 ---
+# --- notebook cell 14 ---
 # NBVAL_IGNORE_OUTPUT
 history = train_stage(model, config, "align", accelerator, (train, val), resume=resume)
-save_model(model, f"{config.align.output_dir}/final", accelerator)
-final = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")}
-tf_final = teacher_forced_metrics(model, probe, accelerator=accelerator)
-accelerator.print("after stage 1, greedy:", {k: round(v, 3) for k, v in final.items()})
-accelerator.print("after stage 1, teacher forced:", {k: round(v, 3) for k, v in tf_final.items()})
+if not config.align.dry_run:  # a dry run saves and evaluates nothing
+    save_model(model, f"{config.align.output_dir}/final", accelerator)
+    final = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")}
+    tf_final = teacher_forced_metrics(model, probe, accelerator=accelerator)
+    accelerator.print("after stage 1, greedy:", {k: round(v, 3) for k, v in final.items()})
+    accelerator.print("after stage 1, teacher forced:", {k: round(v, 3) for k, v in tf_final.items()})

@@ -39,11 +39,13 @@ model = aligned_model(config, init, accelerator)
 train, val = train_val_data(config)
 print({k: getattr(config.rl, k) for k in ("lr", "mllm_lr", "sam_lr", "batch_size", "group_size", "max_steps")})
 
-# --- notebook cell 13 ---
+# --- notebook cell 19 ---
 # NBVAL_IGNORE_OUTPUT
-before = evaluate(model, take(val, config.rl.eval_samples), max_new_tokens=config.rl.max_new_tokens, accelerator=accelerator)
-accelerator.print("after stage 1:", {k: round(v, 3) for k, v in before.items()})
+if not config.rl.dry_run:  # a dry run only times 2 steps: no evaluation, nothing saved
+    before = evaluate(model, take(val, config.rl.eval_samples), max_new_tokens=config.rl.max_new_tokens, accelerator=accelerator)
+    accelerator.print("after stage 1:", {k: round(v, 3) for k, v in before.items()})
 history = train_stage(model, config, "rl", accelerator, (train, val), resume=resume)
-save_model(model, f"{config.rl.output_dir}/final", accelerator)
-final = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")}
-accelerator.print("after stage 2:", {k: round(v, 3) for k, v in final.items()})
+if not config.rl.dry_run:
+    save_model(model, f"{config.rl.output_dir}/final", accelerator)
+    final = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")}
+    accelerator.print("after stage 2:", {k: round(v, 3) for k, v in final.items()})

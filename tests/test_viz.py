@@ -237,3 +237,42 @@ def test_explorer_redraws_when_the_slider_moves_and_static_figures_draw_the_firs
     assert [f.axes[0].get_title() for f in figures] == ["item 0", "item 1"]
     with pytest.raises(ValueError, match="at least one"):
         viz.explorer(0, draw)
+
+
+def test_mask_colour_stands_apart_from_every_toy_shape_colour():
+    from lenslib.toy.world import PALETTE, ToyWorldConfig
+
+    for name in ToyWorldConfig().colours:  # the colours the toy world paints by default
+        distance = np.linalg.norm(np.subtract(viz.MASK_COLOR, PALETTE[name]))
+        assert distance > 200, (name, distance)
+
+
+@pytest.mark.parametrize("stage", [None, "align", "rl"])
+def test_pipeline_figure_marks_what_each_stage_trains(stage):
+    fig = viz.pipeline_figure(stage)
+    assert isinstance(fig, Figure) and len(fig.axes) == 1
+    notes = {t.get_gid().split(":")[0]: t.get_text() for t in fig.axes[0].texts
+             if (t.get_gid() or "").endswith(":note")}  # fmt: skip
+    assert set(notes) == set(viz.PIPELINE_PARTS)
+    if stage is None:  # both stages, written out under every module
+        assert notes["connector"] == "align: trains | RL: trains"
+        assert notes["mllm"] == "align: frozen | RL: trains"
+        assert notes["sam_encoder"] == "align: frozen | RL: frozen"
+    else:
+        for part, note in notes.items():
+            assert (note == "TRAINS") == (part in viz.trained_parts(stage)), (stage, part)
+    fig.canvas.draw()
+
+
+def test_pipeline_stages_match_what_the_model_freezes():
+    assert viz.trained_parts("align") == {"queries", "connector"}
+    assert viz.trained_parts("rl") == set(viz.PIPELINE_PARTS) - {"sam_encoder"}
+    with pytest.raises(ValueError, match="stage must be"):
+        viz.pipeline_figure("sft")
+
+
+def test_committed_pipeline_png_exists():
+    from pathlib import Path
+
+    png = Path(__file__).resolve().parent.parent / "docs" / "pipeline.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
