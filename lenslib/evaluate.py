@@ -12,7 +12,7 @@ of the paper's tables (percentages, one decimal). Named splits (``refcoco:testA`
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from lenslib.data.sample import SegSample
 from lenslib.metrics import IoUAccumulator
-from lenslib.model import LensModel
+from lenslib.model import LensModel, Rollouts
 from lenslib.rewards import box_iou_single, format_reward
 from lenslib.sharding import deepspeed_engine, zero3_gathered
 
@@ -41,8 +41,12 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 768,
     accelerator: Accelerator | None = None,
+    on_batch: Callable[[Sequence[SegSample], Rollouts], None] | None = None,
 ) -> dict[str, float]:
-    """{'giou', 'ciou', 'box_iou', 'format_rate', 'count'} over `samples`, greedy decoding."""
+    """{'giou', 'ciou', 'box_iou', 'format_rate', 'count'} over `samples`, greedy decoding.
+
+    `on_batch(samples, rollouts)` sees each batch's greedy answers (e.g. to read their
+    rationales); it runs on every process for that process's shard."""
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     shard = [samples[i] for i in range(rank, len(samples), world)]
@@ -60,6 +64,8 @@ def evaluate(
                 masks.update(mask.cpu(), torch.from_numpy(sample.mask))
                 box_sum += box_iou_single(box, sample.box)
                 format_sum += format_reward(text)
+            if on_batch is not None:
+                on_batch(batch, rollouts)
     model.train(was_training)
     extra = torch.tensor([box_sum, format_sum], dtype=torch.float64)
     if accelerator is not None and world > 1:

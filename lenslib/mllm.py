@@ -39,6 +39,7 @@ from lenslib.prompts import chat_messages
 # Qwen2.5-VL's special tokens, in Qwen's own id order (151643 ... 151656).
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
+PLACEHOLDER_TOKENS = ["<|image_pad|>", "<|video_pad|>"]  # stand for image / video features
 QWEN_SPECIAL_TOKENS = [
     PAD_TOKEN,
     "<|im_start|>",
@@ -289,9 +290,13 @@ def generate(
     ONE batched `model.generate` call makes all B*G rollouts (transformers encodes each image
     once and repeats it). Stops at `<|im_end|>`. Defaults are the authors' rollout settings
     (temperature 0.9, top_p 0.9, top_k 50); `do_sample=False` is greedy decoding.
+    The image / video placeholder tokens are never generated: the forward over prompt +
+    completion counts them to place image features, and a sampled one would claim features
+    no image has (an untrained policy does sample them).
     """
     tokenizer = processor.tokenizer
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    placeholders = tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKENS)
     prompt = build_inputs(processor, images, queries).to(model.device)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
     out = model.generate(
@@ -301,6 +306,7 @@ def generate(
         num_return_sequences=num_return_sequences,
         eos_token_id=eos_id,
         pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=placeholders,
         **sampling,
     )  # (B*G, P+T)
     completion_ids = out[:, prompt["input_ids"].shape[1] :]  # (B*G, T)

@@ -1,7 +1,7 @@
 """Presets: the ONE place where "toy" and "full" differ. Only sizes and paths, never logic.
 
-    toy:  the tiny Qwen2.5-VL and SAM2 pretrained on the toy world (committed under
-          lenslib/toy/assets/), toy-world data, schedules that finish in minutes on a CPU.
+    toy:  the tiny Qwen2.5-VL and SAM2 pretrained on toy world v2 (committed under
+          lenslib/toy/assets/v2/), toy-world data, schedules that finish in minutes on a CPU.
     full: Qwen2.5-VL-3B-Instruct + SAM2 hiera-L from local paths or hub ids, RefCOCO/+/g for
           training, the paper's hyperparameters (Tables A1 and A2).
 
@@ -149,6 +149,10 @@ PRESETS: dict[str, Preset] = {
         name="toy",
         toy_train_size=2048,
         toy_val_size=256,
+        # world v2: beside plain scenes, scenes where a box is not enough (two shapes in one
+        # box, a shape inside a ring, occluders) and rationales that compare candidates; the
+        # bases in lenslib/toy/assets/v2 were pretrained on it. ToyWorldConfig() = world v1.
+        toy_world=ToyWorldConfig(version=2),
         lens=LensConfig(num_queries=16),
         # 384 steps, under 5 min on 2 CPU cores; val cIoU plateaus after ~320
         align=AlignConfig(
@@ -218,7 +222,7 @@ def build_lens(
     module. `pretrained=False` (toy only) uses random base models, for tests of the plumbing."""
     if preset.mllm == "toy":
         if pretrained:
-            mllm, processor, sam = load_bases(device)
+            mllm, processor, sam = load_bases(device, version=preset.toy_world.version)
         else:
             mllm, processor, sam = random_bases(preset.toy_world, preset.init_seed, device)
     else:

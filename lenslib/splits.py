@@ -27,9 +27,9 @@ from lenslib.evaluate import evaluate
 from lenslib.model import LensModel
 from lenslib.presets import Preset, toy_split
 
-# data set -> the splits a spec may name (the evaluation splits of facts section 7)
+# data set -> the splits a spec may name (the evaluation splits of the LISA protocol)
 EVAL_SPLITS: dict[str, tuple[str, ...]] = {
-    "toy": ("val", "testA", "testB"),
+    "toy": ("val", "testA", "testB", "ambiguous"),  # ambiguous: world v2 only
     "refcoco": ("val", "testA", "testB"),
     "refcoco+": ("val", "testA", "testB"),
     "refcocog": ("val", "test"),

@@ -26,9 +26,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
+from lenslib.answers import Box
 from lenslib.data.sample import SegSample
 from lenslib.evaluate import evaluate
 from lenslib.metrics import IoUAccumulator
@@ -98,6 +100,23 @@ def reinforced(
 
 
 @torch.no_grad()
+def sam_box_masks(
+    model: LensModel, images: Sequence[np.ndarray], boxes: Sequence[Box | None]
+) -> list[torch.Tensor]:
+    """The frozen SAM2 prompted by one box per image (original pixels): (H, W) bool masks.
+    A missing box (an answer without one) gives an empty mask."""
+    sizes = [image.shape[:2] for image in images]
+    prompts = torch.tensor(
+        [box if box is not None else (0, 0, 0, 0) for box in boxes], dtype=torch.float32
+    )  # (B, 4)
+    out = model.sam.decode(model.sam.encode(images), boxes=prompts, orig_sizes=sizes)
+    return [
+        logits[0] > 0 if box is not None else torch.zeros_like(logits[0], dtype=torch.bool)
+        for logits, box in zip(out.logits, boxes)
+    ]
+
+
+@torch.no_grad()
 def box_prompt_baseline(
     model: LensModel, samples: Sequence[SegSample], max_new_tokens: int, batch_size: int = 16
 ) -> dict[str, float]:
@@ -109,14 +128,7 @@ def box_prompt_baseline(
         batch = samples[start : start + batch_size]
         images = [s.image for s in batch]
         rollouts = model.generate(images, [s.text for s in batch], max_new_tokens=max_new_tokens)
-        sizes = [image.shape[:2] for image in images]
-        boxes = torch.tensor(
-            [box if box is not None else (0, 0, 0, 0) for box in rollouts.boxes],
-            dtype=torch.float32,
-        )  # (B, 4) original pixels
-        out = model.sam.decode(model.sam.encode(images), boxes=boxes, orig_sizes=sizes)
-        for sample, logits, box in zip(batch, out.logits, rollouts.boxes):
-            pred = logits[0] > 0 if box is not None else torch.zeros_like(logits[0], dtype=bool)
+        for sample, pred in zip(batch, sam_box_masks(model, images, rollouts.boxes)):
             masks.update(pred.cpu(), torch.from_numpy(sample.mask))
     return masks.compute()
 

@@ -282,6 +282,23 @@ def test_greedy_generation_stops_at_im_end_and_is_deterministic(toy):
 
 
 # ----------------------------------------------------------------------------- save / load
+def test_generation_never_writes_an_image_placeholder(toy):
+    model, processor = toy
+    # make <|image_pad|> the likeliest token everywhere: a forward over prompt + completion
+    # would then count one image token more than the image has features
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    bias = torch.zeros(model.lm_head.out_features)
+    bias[pad] = 100.0
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    try:
+        for sample in (False, True):
+            out = generate(model, processor, images((112, 112)), ["red"], 6, do_sample=sample)
+            assert out.completion_ids.shape[1] == 6
+            assert not (out.completion_ids == pad).any()
+    finally:
+        model.lm_head.bias = None
+
+
 def test_save_and_load_round_trip(toy, tmp_path):
     model, processor = toy
     model.save_pretrained(tmp_path)

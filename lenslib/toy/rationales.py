@@ -12,12 +12,15 @@ attribute the comparison needs, then the comparison that decides and where the t
     "Not green: the purple circle (large), the yellow square (small). The largest is the
      purple circle, at the top left."
 
-`reason_corpus` lists every word it can write (for the tokenizer).
+`reason_corpus` lists every word it can write (for the tokenizer). `named_shape` reads back
+which shape an answer's rationale settles on (its last naming: "... is the purple circle, at
+the top left."), so an evaluation can count answers that name the wrong shape.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator, Sequence
 
 from lenslib.toy.expressions import (
@@ -34,6 +37,7 @@ from lenslib.toy.world import (
     GRID_WORDS,
     SIZE_EXTREMES,
     SIZE_RELATIONS,
+    SIZES,
     SPATIAL_EXTREMES,
     SPATIAL_RELATIONS,
     Shape,
@@ -204,3 +208,27 @@ def reason_corpus(config: ToyWorldConfig) -> Iterator[str]:
         yield f"The {names[0]} is {c}. Also {c} is the {names[0]}. The only {c} one is."
     for value in (*sizes, *kinds):
         yield f"The {names[0]} is {value}. The only {value} is the {names[0]}."
+
+
+def named_shape(answer: str, config: ToyWorldConfig) -> tuple[str | None, str, str] | None:
+    """(size or None, colour, kind) of the LAST shape an answer's rationale names (the target
+    the reasoning settles on, in every rationale style), or None if it names none."""
+    think = answer.split("</think>")[0]
+    sizes, colours = "|".join(SIZES), "|".join(config.colours)
+    kinds = "|".join(config.kinds)
+    found = re.findall(rf"\b(?:({sizes}) )?({colours}) ({kinds})\b", think)
+    if not found:
+        return None
+    size, colour, kind = found[-1]
+    return size or None, colour, kind
+
+
+def names_target(answer: str, shapes: Sequence[Shape], target: int, config: ToyWorldConfig) -> bool:
+    """Whether the shape an answer's rationale settles on (`named_shape`) is `shapes[target]`
+    (its size is compared only when the answer gives one)."""
+    named = named_shape(answer, config)
+    if named is None:
+        return False
+    size, colour, kind = named
+    shape = shapes[target]
+    return (colour, kind) == (shape.colour, shape.kind) and size in (None, shape.size)
