@@ -519,3 +519,58 @@ def pipeline_figure(stage: str | None = None) -> Figure:
                   frameon=False)  # fmt: skip
     fig.tight_layout()
     return fig
+
+
+FIDELITY_LABELS = {
+    "seg_zero_style": "Seg-Zero-style\n(box -> SAM)",
+    "lens_stage1": "LENS\nstage 1",
+    "lens_no_rseg": "LENS 1+2\nwithout R_seg",
+    "lens": "LENS\nstage 1+2",
+    "control": "stage 1\ncontinued",
+}
+
+
+def fidelity_figure(merged: Mapping) -> Figure:
+    """The world-v2 experiments (`lenslib.fidelity.merge`'s output) in three panels: cIoU per
+    model and split (mean over seeds, bars = std, dots = seeds); the misguided box (Fig. A4:
+    cIoU against the box's shift, box -> SAM vs LENS); stage 2 against the same-compute
+    control, one line per seed."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [5, 3, 3]})
+    splits = list(merged["splits"])
+    models = [m for m in FIDELITY_LABELS if all(m in merged[s] for s in splits)]
+    width = 0.8 / max(len(splits), 1)
+    for k, split in enumerate(splits):
+        x = np.arange(len(models)) + (k - (len(splits) - 1) / 2) * width
+        values = [merged[split][m] for m in models]
+        means, stds = (
+            [np.mean(v) for v in values],
+            [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values],
+        )
+        axes[0].bar(x, means, width, yerr=stds, capsize=3, label=split, alpha=0.8)
+        for xi, v in zip(x, values):
+            axes[0].plot([xi] * len(v), v, "k.", markersize=4)
+    axes[0].set_xticks(range(len(models)), [FIDELITY_LABELS[m] for m in models], fontsize=8)
+    axes[0].set_ylabel("cIoU")
+    axes[0].set_title(f"cIoU per model ({len(merged['seeds'])} seeds, mean ± std)")
+    axes[0].legend()
+    if "misguided_box" in merged:
+        box = merged["misguided_box"]
+        axes[1].plot(box["shift"], box["seg_zero_style"], "o-", label="box -> SAM")
+        axes[1].plot(box["shift"], box["lens"], "s-", label="LENS (answer with that box)")
+        axes[1].set_xlabel("box shifted by (box sizes)")
+        axes[1].set_ylabel("cIoU")
+        axes[1].set_title("Misguided box (Fig. A4)")
+        axes[1].legend()
+    if "stage2" in merged:
+        stage2 = merged["stage2"]
+        for seed, before, after, control in zip(
+            merged["seeds"], stage2["before"], stage2["after"], stage2["control"]
+        ):
+            line = axes[2].plot([0, 1], [before, after], "o-", label=f"seed {seed}: stage 2")[0]
+            axes[2].plot([0, 1], [before, control], "x--", color=line.get_color(), label="control")
+        axes[2].set_xticks([0, 1], ["after stage 1", "after the same\nnumber of steps"])
+        axes[2].set_ylabel("val cIoU")
+        axes[2].set_title("Stage 2 (solid) vs stage 1 continued (dashed)")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -276,3 +276,23 @@ def test_committed_pipeline_png_exists():
 
     png = Path(__file__).resolve().parent.parent / "docs" / "pipeline.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_figure_draws_every_model_split_and_seed():
+    from lenslib.fidelity import MODELS, merge
+
+    def seed(s, c):
+        models = {m: {"val": {"ciou": c + i / 10}, "ambiguous": {"ciou": c}}
+                  for i, m in enumerate(MODELS)}  # fmt: skip
+        box = {"shift": [0, 0.5, 1], "seg_zero_style": [c, c / 2, 0.0], "lens": [c, c, c]}
+        return {"seed": s, "config": {"samples": 4}, "models": models, "misguided_box": box}
+
+    merged = merge([seed(0, 0.2), seed(1, 0.3), seed(2, 0.25)])
+    fig = viz.fidelity_figure(merged)
+    bars, curves, stage2 = fig.axes
+    assert len(bars.patches) == len(MODELS) * 2  # one bar per model and split
+    heights = sorted(p.get_height() for p in bars.patches)
+    assert heights[0] == pytest.approx(0.25)  # the mean over seeds
+    assert [tuple(line.get_ydata()) for line in curves.lines[:1]] == [(0.25, 0.125, 0.0)]
+    assert len(stage2.lines) == 2 * 3  # stage 2 and its control, per seed
+    plt.close(fig)
