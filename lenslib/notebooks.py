@@ -64,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["run", "clean"])
     parser.add_argument("paths", nargs="+", type=Path)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per cell (run)")
     args = parser.parse_args(argv)
     for path in args.paths:
         if args.command == "run":
-            run(path)
+            run(path, args.timeout)
         else:
             nbformat.write(clean(nbformat.read(path, as_version=4)), path)
         print(f"{args.command}: {path}")
