@@ -40,9 +40,10 @@ def table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def example_figure(model, samples, path: Path) -> None:
+def example_figure(model, samples, path: Path, max_new_tokens: int) -> None:
     """Predictions of the final model on a few validation samples."""
-    rollouts, masks = model.predict([s.image for s in samples], [s.text for s in samples], 48)
+    images, texts = [s.image for s in samples], [s.text for s in samples]
+    rollouts, masks = model.predict(images, texts, max_new_tokens)
     fig, axes = plt.subplots(1, len(samples), figsize=(3 * len(samples), 3.4))
     for ax, sample, mask, box in zip(axes, samples, masks, rollouts.boxes):
         show_prediction(ax, sample.image, mask.cpu().numpy(), box, sample.box, sample.text)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     fig = plot_training_curves(stage1, stage2)
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
-    example_figure(model, take(val, 4), out / "examples.png")
+    example_figure(model, take(val, 4), out / "examples.png", preset.max_completion_length)
     report = [
         "# lenslib demo: the toy LENS pipeline",
         "",

@@ -64,6 +64,7 @@ class FidelityConfig:
     samples: int = 256  # per split
     shifts: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # misguided box, in box sizes
     misguided_split: str = "val"
+    stage2: bool = True  # False: only the Seg-Zero-style row and LENS after stage 1
     without_rseg: bool = True  # also train stage 2 without R_seg (Table 5's row before it)
 
 
@@ -141,7 +142,8 @@ def run_seed(
     preset: Preset, cfg: FidelityConfig, seed: int, out: str | Path, accelerator: Accelerator
 ) -> dict:
     """All experiments of one seed (see the module docstring); writes out/seed_<seed>.json
-    after every model, so an interrupted seed keeps what it measured."""
+    after every model, so an interrupted seed keeps what it measured, and reuses the stage-1
+    model it saved (out/seed_<seed>_stage1) when run again."""
     out = Path(out)
     preset = preset.override(init_seed=seed)
     data = {s: take(toy_split(preset, s, cfg.samples), cfg.samples) for s in cfg.splits}
@@ -161,11 +163,18 @@ def run_seed(
     model = build_lens(preset, device=accelerator.device)
     record("seg_zero_style", lambda s: seg_zero_style(model, s, preset), clock)
     clock = time.perf_counter()
-    train_stage(model, preset.override("align", output_dir=str(out / f"seed_{seed}_align"),
-                                       **QUIET), "align", accelerator)  # fmt: skip
     stage1 = out / f"seed_{seed}_stage1"
-    save_model(model, stage1, accelerator)
+    if (stage1 / "lens_config.json").exists():  # an interrupted seed: stage 1 is saved
+        model = LensModel.from_pretrained(stage1, device=accelerator.device)
+    else:
+        align = preset.override("align", output_dir=str(out / f"seed_{seed}_align"), **QUIET)
+        train_stage(model, align, "align", accelerator)
+        save_model(model, stage1, accelerator)
     record("lens_stage1", lambda s: score(model, s, preset), clock)
+    if not cfg.stage2:
+        result["done"] = True
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        return result
 
     def stage2(name: str, weights: tuple[float, float, float]) -> LensModel:
         start = time.perf_counter()
@@ -205,19 +214,24 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def merge(seeds: Sequence[dict]) -> dict:
     """The per-seed results gathered into fidelity.json's layout, cIoU as fractions:
-    {"seeds", "splits", split: {model: [cIoU per seed]}, "stage2": {"before", "after", "control"},
-     "misguided_box": {"shift", "seg_zero_style", "lens"} (means over seeds) and "per_seed",
-     "details": {model: {split: {metric: [per seed]}}}, "seeds": [...]}."""
+    {"seeds", "splits", split: {model: [cIoU per seed]}, "model_seeds": {model: [seeds]},
+     "stage2": {"seeds", "before", "after", "control"}, "misguided_box": {"shift",
+     "seg_zero_style", "lens"} (means over seeds) and "per_seed", "details": {model: {split:
+     {metric: [per seed]}}}}. A seed run without stage 2 counts only for the models it has."""
     seeds = sorted(seeds, key=lambda r: r["seed"])
-    names = [m for m in MODELS if all(m in r["models"] for r in seeds)]
+    has = {m: [r for r in seeds if m in r["models"]] for m in MODELS}
+    names = [m for m in MODELS if has[m]]
     splits = list(seeds[0]["models"][names[0]]) if names else []
     merged: dict = {"seeds": [r["seed"] for r in seeds], "splits": splits}
+    merged["model_seeds"] = {m: [r["seed"] for r in has[m]] for m in names}
     for split in splits:
-        merged[split] = {m: [r["models"][m][split]["ciou"] for r in seeds] for m in names}
-    if "val" in splits and {"lens_stage1", "lens", "control"} <= set(names):
-        val = merged["val"]
+        merged[split] = {m: [r["models"][m][split]["ciou"] for r in has[m]] for m in names}
+    full = [r for r in seeds if {"lens_stage1", "lens", "control"} <= set(r["models"])]
+    if "val" in splits and full:
         merged["stage2"] = {
-            "before": val["lens_stage1"], "after": val["lens"], "control": val["control"]
+            "seeds": [r["seed"] for r in full],
+            **{key: [r["models"][m]["val"]["ciou"] for r in full]
+               for key, m in (("before", "lens_stage1"), ("after", "lens"), ("control", "control"))},
         }  # fmt: skip
     boxes = [r["misguided_box"] for r in seeds if "misguided_box" in r]
     if boxes:
@@ -230,7 +244,9 @@ def merge(seeds: Sequence[dict]) -> dict:
     metrics = ("ciou", "giou", "box_iou", "wrong_name")
     merged["details"] = {
         m: {
-            s: {k: [r["models"][m][s][k] for r in seeds if k in r["models"][m][s]] for k in metrics}
+            s: {
+                k: [r["models"][m][s][k] for r in has[m] if k in r["models"][m][s]] for k in metrics
+            }
             for s in splits
         }
         for m in names
@@ -271,12 +287,10 @@ def load_fidelity(path: str | Path = COMMITTED_FIDELITY) -> dict:
 
 
 def summary(merged: dict) -> str:
-    """A Markdown table: cIoU mean +- std over seeds per split and model."""
+    """A Markdown table: cIoU mean +- std over the seeds that ran each model, per split."""
     splits = merged["splits"]
-    lines = ["| model | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
-    for model in MODELS:
-        if not all(model in merged[s] for s in splits):
-            continue
+    lines = ["| model | seeds | " + " | ".join(splits) + " |", "|---|---|" + "---:|" * len(splits)]
+    for model, seeds in merged["model_seeds"].items():
         cells = ["{:.3f} ± {:.3f}".format(*mean_std(merged[s][model])) for s in splits]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

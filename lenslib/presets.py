@@ -126,7 +126,8 @@ def setting_names() -> set[str]:
     return names - {"name", "lens", "align", "rl", "toy_world", "sam"}
 
 
-_TOY_LOOP = dict(max_new_tokens=48, eval_every=64, eval_samples=128, checkpoint_every=64)
+# world v2 answers run 43-76 tokens (candidates, the comparison, the target, then the box)
+_TOY_LOOP = dict(max_new_tokens=96, eval_every=64, eval_samples=128, checkpoint_every=64)
 
 PRESETS: dict[str, Preset] = {
     "full": Preset(

@@ -537,7 +537,7 @@ def fidelity_figure(merged: Mapping) -> Figure:
     control, one line per seed."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [5, 3, 3]})
     splits = list(merged["splits"])
-    models = [m for m in FIDELITY_LABELS if all(m in merged[s] for s in splits)]
+    models = [m for m in FIDELITY_LABELS if m in merged["model_seeds"]]
     width = 0.8 / max(len(splits), 1)
     for k, split in enumerate(splits):
         x = np.arange(len(models)) + (k - (len(splits) - 1) / 2) * width
@@ -551,7 +551,7 @@ def fidelity_figure(merged: Mapping) -> Figure:
             axes[0].plot([xi] * len(v), v, "k.", markersize=4)
     axes[0].set_xticks(range(len(models)), [FIDELITY_LABELS[m] for m in models], fontsize=8)
     axes[0].set_ylabel("cIoU")
-    axes[0].set_title(f"cIoU per model ({len(merged['seeds'])} seeds, mean ± std)")
+    axes[0].set_title(f"cIoU per model (up to {len(merged['seeds'])} seeds, mean ± std)")
     axes[0].legend()
     if "misguided_box" in merged:
         box = merged["misguided_box"]
@@ -564,7 +564,7 @@ def fidelity_figure(merged: Mapping) -> Figure:
     if "stage2" in merged:
         stage2 = merged["stage2"]
         for seed, before, after, control in zip(
-            merged["seeds"], stage2["before"], stage2["after"], stage2["control"]
+            stage2["seeds"], stage2["before"], stage2["after"], stage2["control"]
         ):
             line = axes[2].plot([0, 1], [before, after], "o-", label=f"seed {seed}: stage 2")[0]
             axes[2].plot([0, 1], [before, control], "x--", color=line.get_color(), label="control")

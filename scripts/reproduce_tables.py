@@ -18,6 +18,7 @@ parser.add_argument('--eval-samples', type=int, default=64, help='testA samples 
 parser.add_argument('--query-counts', nargs="+", type=int, default=[1, 16, 32, 64, 128], help="Table 3's M values")
 parser.add_argument('--seeds', nargs="+", type=int, default=[0, 1, 2], help='fidelity experiments: one full run (world, stage 1, stage 2, control) per seed')
 parser.add_argument('--fidelity-samples', type=int, default=256, help='fidelity experiments: samples per split (val, ambiguous)')
+parser.add_argument('--fidelity-stage2', action=argparse.BooleanOptionalAction, default=True, help='fidelity experiments: also stage 2, its control and the misguided box (False: stage 1 only)')
 parser.add_argument('--train-rows', action=argparse.BooleanOptionalAction, default=True, help='train every row; False: read the committed results (lenslib/assets/tables)')
 parser.add_argument('--cpu', action=argparse.BooleanOptionalAction, default=False, help='force CPU')
 args = parser.parse_args()
@@ -30,6 +31,7 @@ eval_samples = args.eval_samples
 query_counts = args.query_counts
 seeds = args.seeds
 fidelity_samples = args.fidelity_samples
+fidelity_stage2 = args.fidelity_stage2
 train_rows = args.train_rows
 cpu = args.cpu
 
@@ -44,7 +46,7 @@ accelerator = make_accelerator(cpu=cpu)
 config = get_preset(preset)
 table_cfg = tables.TableConfig(align_steps=align_steps, rl_steps=rl_steps, eval_samples=eval_samples,
                                query_counts=tuple(query_counts))
-fidelity_cfg = fidelity.FidelityConfig(seeds=tuple(seeds), samples=fidelity_samples)
+fidelity_cfg = fidelity.FidelityConfig(seeds=tuple(seeds), samples=fidelity_samples, stage2=fidelity_stage2)
 results, fid = None, None
 if "tables" in experiments:
     if train_rows:

@@ -49,6 +49,17 @@ def test_run_fidelity_writes_every_model_per_seed_and_merges_them(tmp_path):
     assert seed_file.stat().st_mtime_ns == before
 
 
+def test_a_seed_without_stage2_counts_only_for_its_models(tmp_path):
+    accelerator = make_accelerator(cpu=True)
+    run_fidelity(tiny_preset(), FidelityConfig(seeds=(0,), samples=2), tmp_path, accelerator)
+    short = FidelityConfig(seeds=(1,), samples=2, stage2=False)
+    merged = run_fidelity(tiny_preset(), short, tmp_path, accelerator)
+    assert merged["model_seeds"]["lens_stage1"] == [0, 1]
+    assert merged["model_seeds"]["lens"] == [0] and merged["stage2"]["seeds"] == [0]
+    assert len(merged["val"]["seg_zero_style"]) == 2 and len(merged["val"]["control"]) == 1
+    assert "| lens | 1 |" in fidelity.summary(merged)
+
+
 def test_merge_lists_each_seed_in_order_and_means_the_misguided_curves():
     def seed(s, c):
         models = {m: {"val": {"ciou": c, "giou": c, "box_iou": c, "wrong_name": 0.5}}
