@@ -312,6 +312,37 @@ def shared_prompt_forward(
     return torch.cat([prefix.repeat_interleave(G, dim=0), suffix], dim=1)  # (N, L, C)
 
 
+@torch.no_grad()
+def shared_prompt_prefill(model: PreTrainedModel, prompt: BatchFeature, group_size: int) -> dict:
+    """The inputs of `model.generate` for G = group_size samples of each of P prompts, with each
+    prompt's prefill computed ONCE instead of G times.
+
+    Every prompt column but the last goes through the model for the P prompts (image included,
+    keeping a KV cache); the cache is repeated G times (rows a1..aG, b1..bG, ...); generate then
+    starts from the last prompt token of the P*G rows (it needs one token that is not cached
+    yet). The tokens it adds are numbered by Qwen's `rope_deltas` (text after the image counts
+    on from the image's positions), set here for the P*G rows. The same tokens as
+    `model.generate(**prompt, num_return_sequences=G)` for the same seed: attention is causal,
+    so the prompt's keys and values do not depend on what is sampled after it.
+    """
+    G, vlm = group_size, model.model
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
+    positions, deltas = vlm.get_rope_index(
+        ids, mm_token_type_ids=prompt["mm_token_type_ids"],
+        image_grid_thw=prompt["image_grid_thw"], attention_mask=mask,
+    )  # (3, P, Lp), (P, 1)  # fmt: skip
+    cache = DynamicCache(config=model.config)
+    vlm(
+        input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[..., :-1],
+        pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
+        use_cache=True, **{_cache_keyword(vlm): cache},
+    )  # fmt: skip
+    cache.batch_repeat_interleave(G)  # (P, ...) -> (P*G, ...)
+    vlm.rope_deltas = deltas.repeat_interleave(G, dim=0)  # (P*G, 1), read by generate
+    rows = {k: prompt[k].repeat_interleave(G, dim=0) for k in ("input_ids", "attention_mask")}
+    return rows | {_cache_keyword(model): cache}
+
+
 def _cache_keyword(vlm: PreTrainedModel) -> str:
     """The name of the KV-cache argument: `cache` in recent transformers, `past_key_values`
     before it was renamed."""
@@ -363,22 +394,28 @@ def generate(
     top_p: float = 0.9,
     top_k: int = 50,
     num_return_sequences: int = 1,
+    share_prompt: bool = False,
 ) -> Generation:
     """Eq. 1: P_CoT, P_box = pi_mllm.generate(p_sys, T, I), for a batch, G samples per prompt.
 
     ONE batched `model.generate` call makes all B*G rollouts (transformers encodes each image
     once and repeats it). Stops at `<|im_end|>`. Defaults are the authors' rollout settings
     (temperature 0.9, top_p 0.9, top_k 50); `do_sample=False` is greedy decoding.
+    `share_prompt`: the prompts' prefill is computed once per prompt, not once per sample
+    (`shared_prompt_prefill`); the same tokens for the same seed.
     """
     tokenizer = processor.tokenizer
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     prompt = build_inputs(processor, images, queries).to(model.device)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    inputs, copies = dict(prompt), num_return_sequences
+    if share_prompt and num_return_sequences > 1:
+        inputs, copies = shared_prompt_prefill(model, prompt, num_return_sequences), 1
     out = model.generate(
-        **prompt,
+        **inputs,
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        num_return_sequences=num_return_sequences,
+        num_return_sequences=copies,
         eos_token_id=eos_id,
         pad_token_id=tokenizer.pad_token_id,
         **sampling,

@@ -191,13 +191,15 @@ class LensModel(nn.Module):
         temperature: float = 0.9,
         top_p: float = 0.9,
         top_k: int = 50,
+        share_prompt: bool = False,
     ) -> Rollouts:
         """Chain of thought + box for each (image, text); G = group_size samples per prompt in
-        ONE batched generate call. Greedy unless `do_sample`. Boxes come back in original pixels."""
+        ONE batched generate call. Greedy unless `do_sample`. Boxes come back in original pixels.
+        share_prompt: each prompt's prefill once for its G samples (the same tokens)."""
         gen = mllm_lib.generate(
             self.mllm, self.processor, images, texts, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            num_return_sequences=group_size,
+            num_return_sequences=group_size, share_prompt=share_prompt,
         )  # fmt: skip
         sizes = mllm_input_sizes(gen.prompt["image_grid_thw"])
         boxes = []

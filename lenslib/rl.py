@@ -25,15 +25,16 @@ sum to the unsplit one: the same gradient (within float rounding) for a fraction
 activations. Gradient checkpointing (`gradient_checkpointing`, `LoopConfig`) trades compute
 for memory once more.
 
-Prompt sharing (`share_prompt`): steps 2 and 3 normally repeat each prompt (system + image +
-question) for its G rollouts, so the vision tower and the prompt's tokens are computed G times
-per forward. With the option, each prompt goes through the model once, its keys and values (a
-KV cache) are repeated for its G completions, and only the completions (and the queries) are
-computed per rollout (`lenslib.mllm.shared_prompt_forward`). Attention is causal, so the
-numbers are the same (log-probs, masks, gradients, within float rounding); the prompt's
-compute and activations shrink G times, for the price of a second, small forward call. It
-needs the KV cache, so it cannot be combined with gradient checkpointing, and a micro-batch
-that cuts a group shares nothing.
+Prompt sharing (`share_prompt`): steps 1-3 normally repeat each prompt (system + image +
+question) for its G rollouts, so the prompt's tokens (and in steps 2-3 the vision tower) are
+computed G times per pass. With the option, each prompt goes through the model once, its keys
+and values (a KV cache) are repeated for its G completions, and only the completions (and the
+queries) are computed per rollout (`lenslib.mllm.shared_prompt_prefill` for the rollouts,
+`shared_prompt_forward` for the reference and the policy). Attention is causal, so the numbers
+are the same (rollouts, log-probs, masks, gradients, within float rounding); the prompt's compute
+and activations shrink G times, for the price of a second, small forward call. It needs the KV
+cache, so it cannot be combined with gradient checkpointing, and a micro-batch that cuts a
+group shares nothing.
 
 With one update per batch of rollouts (as here and in the paper), the "old" policy equals the
 current one, so the ratio is exactly 1 and clipping never bites; `grpo_loss` still computes
@@ -121,8 +122,9 @@ class GRPOConfig(LoopConfig):
     share_prompt: bool = setting(
         False,
         "compute each prompt (image included) once per group of G rollouts, its keys and values "
-        "reused by the G completions, in the policy's and the reference's forward: the same "
-        "numbers for less compute (needs the KV cache: not with gradient_checkpointing)",
+        "reused by the G completions, when sampling and in the reference's and the policy's "
+        "forward: the same numbers for less compute (needs the KV cache: not with "
+        "gradient_checkpointing)",
     )
 
     def __post_init__(self) -> None:
@@ -273,6 +275,7 @@ def grpo_step(
         rollouts = lens.generate(
             images, texts, group_size=G, max_new_tokens=cfg.max_new_tokens, do_sample=True,
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            share_prompt=cfg.share_prompt,
         )  # fmt: skip
     ids, mask = rollouts.completion_ids, rollouts.completion_mask  # (P*G, T)
     clock.append(time.perf_counter())

@@ -1,6 +1,7 @@
 """`share_prompt`: each prompt computed once per group of G rollouts (a KV cache repeated G
 times) gives the numbers of the plain forward, which repeats the prompt G times: log-probs,
-query states, masks, every part's gradient, the reference's log-probs and a whole GRPO step."""
+query states, masks, every part's gradient, the reference's log-probs, the sampled rollouts and
+a whole GRPO step."""
 
 from __future__ import annotations
 
@@ -93,6 +94,18 @@ def test_shared_prompt_gives_the_plain_log_probs_queries_masks_and_gradients(toy
     _assert_close({n: shared_grads[n] for n in big}, big, tol=1e-4)
 
 
+def test_the_authors_1d_positions_are_shared_exactly_too(toy):
+    """The queries' positions are cut from the whole rows' positions, whichever rule made them."""
+    _, _, samples, ids, mask = toy
+    torch.manual_seed(0)
+    model = build_lens(get_preset("toy", num_queries=4, mrope="authors"), pretrained=False)
+    with torch.no_grad():
+        plain, shared = (model(*_inputs(samples), ids, mask, group_size=G, share_prompt=share)
+                         for share in (False, True))  # fmt: skip
+        assert torch.allclose(shared.logits, plain.logits, atol=1e-5)
+        assert torch.allclose(shared.queries, plain.queries, atol=1e-5)
+
+
 def test_a_wrong_expansion_of_the_cache_is_caught(toy, monkeypatch):
     """Repeating the cache as (a b a b) instead of (a a b b) pairs completions with the wrong
     prompts: the comparison above must then fail."""
@@ -147,6 +160,32 @@ def test_gradient_checkpointing_and_share_prompt_are_refused_together(toy):
             model(*_inputs(samples), ids, mask, group_size=G, share_prompt=True)
     finally:
         set_gradient_checkpointing(model, False)
+
+
+def test_a_shared_prefill_samples_the_same_rollouts(monkeypatch):
+    """Generation with each prompt's prefill once per group: the same tokens for the same seed
+    (committed toy bases: real, varied answers, so equal rollouts are not trivially equal)."""
+    preset = get_preset("toy", num_queries=4)
+    model = build_lens(preset)
+    images, texts = _inputs(toy_split(preset, "train", 3))
+
+    def rollouts(share: bool) -> torch.Tensor:
+        torch.manual_seed(3)
+        return model.generate(images, texts, group_size=G, max_new_tokens=48, do_sample=True,
+                              share_prompt=share).completion_ids  # fmt: skip
+
+    plain = rollouts(False)
+    assert torch.equal(rollouts(True), plain)
+    assert len({tuple(row.tolist()) for row in plain}) > len(texts)  # samples differ in a group
+    assert torch.equal(rollouts(False), plain)  # the shared prefill left no state behind
+
+    def tiled(cache, repeats):  # (a b a b) instead of (a a b b): wrong prompts, other tokens
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat(repeats, 1, 1, 1)
+            layer.values = layer.values.repeat(repeats, 1, 1, 1)
+
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", tiled)
+    assert not torch.equal(rollouts(True), plain)
 
 
 def _trained_params(share: bool):
