@@ -14,7 +14,9 @@ All use the same prompts of the toy world (the same `--prompts` every step), G r
 and the toy preset's stage-2 settings: sampling (temperature, top_p, top_k), the completion cap,
 beta, the GRPO loss ("grpo"), the MLLM's lr. TRL's step is timed from its `on_step_begin` to its
 `on_step_end` callback (generation, reference and policy log-probs, loss, backward, optimizer
-step); a lenslib step is the `grpo_step` call. The first `--warmup` steps of each are left out.
+step); a lenslib step is the `grpo_step` call. The first `--warmup` steps of each are left out;
+the script prints each one's timed steps, their mean and median (the median resists a step that
+another process on the machine slowed down), the ratios to TRL and the load average.
 lenslib does more per step than TRL (the context queries, the connector and SAM's decoder, the
 masks and R_seg): the ratio is the price of LENS's segmentation plus whatever either wastes.
 """
@@ -141,18 +143,19 @@ def main() -> None:
     preset = get_preset("toy")
     samples = [toy_split(preset, "train", args.prompts)[i] for i in range(args.prompts)]
 
-    plain, plain_times, plain_lengths = lenslib_trainer(samples, preset, args, share=False)
-    shared, shared_times, shared_lengths = lenslib_trainer(samples, preset, args, share=True)
-    turns = Turns([plain, shared])
+    plain_step, plain_times, plain_lengths = lenslib_trainer(samples, preset, args, share=False)
+    shared_step, shared_times, shared_lengths = lenslib_trainer(samples, preset, args, share=True)
+    turns = Turns([plain_step, shared_step])
     trainer = trl_trainer(samples, preset, args, turns)
     turns.trainer = trainer
     load_before = os.getloadavg()
     trainer.train()
     load_after = os.getloadavg()
 
-    def mean(times):
+    def summary(times):  # mean, median, std of the timed steps
         kept = times[args.warmup :]
-        return statistics.mean(kept), (statistics.stdev(kept) if len(kept) > 1 else 0.0)
+        spread = statistics.stdev(kept) if len(kept) > 1 else 0.0
+        return statistics.mean(kept), statistics.median(kept), spread
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
@@ -160,14 +163,18 @@ def main() -> None:
     print(f"{args.prompts} prompts x G={args.group_size}, completions <= "
           f"{preset.rl.max_new_tokens} tokens, {args.steps} timed steps after {args.warmup} "
           "warm-up, interleaved")  # fmt: skip
-    rows = {"TRL GRPOTrainer": mean(turns.times), "lenslib plain": mean(plain_times),
-            "lenslib shared prompt": mean(shared_times)}  # fmt: skip
-    for name, (m, s) in rows.items():
-        print(f"  {name:22s} {m:6.2f} s/step (std {s:.2f})")
-    trl, plain_s, shared_s = (m for m, _ in rows.values())
-    print(f"  ratio plain / TRL    {plain_s / trl:.2f}")
-    print(f"  ratio shared / TRL   {shared_s / trl:.2f}")
-    print(f"  ratio shared / plain {shared_s / plain_s:.2f}")
+    times = {"TRL GRPOTrainer": turns.times, "lenslib plain": plain_times,
+             "lenslib shared prompt": shared_times}  # fmt: skip
+    rows = {name: summary(t) for name, t in times.items()}
+    for name, (mean, median, spread) in rows.items():
+        steps = " ".join(f"{t:.2f}" for t in times[name][args.warmup :])
+        print(f"  {name:22s} mean {mean:6.2f} s/step, median {median:6.2f} (std {spread:.2f}): "
+              f"{steps}")  # fmt: skip
+    trl, plain, shared = rows.values()  # (mean, median, std) each
+    print("  ratios of the means (medians)")
+    for name, a, b in (("plain / TRL", plain, trl), ("shared / TRL", shared, trl),
+                       ("shared / plain", shared, plain)):  # fmt: skip
+        print(f"    {name:15s} {a[0] / b[0]:.2f} ({a[1] / b[1]:.2f})")
     lengths = [statistics.mean(x[args.warmup :]) for x in (turns.lengths, plain_lengths,
                shared_lengths)]  # fmt: skip
     print(f"  mean completion length: TRL {lengths[0]:.1f}, plain {lengths[1]:.1f}, "
