@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/grpo_step.py [--steps 10] [--prompts 4] [--group-size 8] [--pretrained]
         [--threads 1] [--rollout-micro-batch 8] [--gradient-checkpointing] [--token-chunk 4096]
+        [--share-prompt]
 
 Each step logs its generation / scoring (one forward per rollout + rewards) / update times
 (`lenslib.rl.grpo_step` measures them). Generation is ONE batched call for all prompts x G.
 The memory options (rollout micro-batches, gradient checkpointing, the size of the pieces of
 `grpo.token_logprobs`) change only memory and time: run once per option to see the time.
+So does `--share-prompt` (each prompt computed once per group; `trl_side_by_side.py` times it
+against the plain step and TRL in one run).
 """
 
 import argparse
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument(
         "--token-chunk", type=int, default=grpo.TOKEN_CHUNK, help="positions per log-prob piece"
     )
+    parser.add_argument("--share-prompt", action="store_true", help="GRPOConfig.share_prompt")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,7 +51,7 @@ def main() -> None:
     model = build_lens(preset, pretrained=args.pretrained)
     cfg = GRPOConfig(
         group_size=args.group_size, max_new_tokens=preset.max_completion_length,
-        rollout_micro_batch=args.rollout_micro_batch,
+        rollout_micro_batch=args.rollout_micro_batch, share_prompt=args.share_prompt,
     )  # fmt: skip
     ref = frozen_reference(model)
     model.set_stage("rl")
@@ -70,6 +74,7 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     options = f"micro-batch {args.rollout_micro_batch}, checkpointing "
     options += f"{'on' if args.gradient_checkpointing else 'off'}, token chunk {args.token_chunk}"
+    options += f", shared prompt {'on' if args.share_prompt else 'off'}"
     print(f"{args.prompts} prompts x G={args.group_size} ({options}): {mean['total']:.2f} s/step")
     for key in ("time_generate", "time_score", "time_update"):
         print(f"  {key[5:]:9s} {mean[key]:.2f} s ({100 * mean[key] / mean['total']:.0f}%)")

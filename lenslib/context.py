@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers import BatchFeature, PreTrainedModel
 
+from lenslib.mllm import shared_prompt_forward
+
 MropeMode = Literal["correct", "authors"]
 ConnectorKind = Literal["vit", "mlp"]
 ConnectorOutput = Literal["tokens", "pooled"]
@@ -100,13 +102,20 @@ class ContextQueries(nn.Module):
         return self.queries.shape[0]
 
     def forward(
-        self, mllm: PreTrainedModel, inputs: BatchFeature | dict, logits_to_keep: int = 0
+        self,
+        mllm: PreTrainedModel,
+        inputs: BatchFeature | dict,
+        logits_to_keep: int = 0,
+        prompt_groups: int = 1,
     ) -> ContextReadout:
         """Eq. 2 for a batch from `lenslib.mllm.build_inputs` / `append_completions`.
 
         The M queries sit after the last column; padding holes before them are masked and
         skipped by the positions, so each row reads out what it would alone. `logits_to_keep`
         = T asks for the logits of the last T tokens (the completion) from the same forward.
+        `prompt_groups` = G > 1: the rows come in groups of G that share their prompt (every
+        column before the last T, as `completion_batch` repeats it), and each prompt is computed
+        once per group (`lenslib.mllm.shared_prompt_forward`): the same states, less compute.
         """
         missing = [k for k in REQUIRED_KEYS if k not in inputs]
         if missing:
@@ -128,15 +137,25 @@ class ContextQueries(nn.Module):
         )  # (3, B, L+M)
 
         # input_ids tell the model where the image features go; inputs_embeds carry the queries.
-        hidden = mllm.model(
-            input_ids=full_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-            use_cache=False,
-        ).last_hidden_state  # (B, L+M, C), after the final RMSNorm
+        if prompt_groups > 1:
+            if logits_to_keep <= 0:
+                raise ValueError("prompt_groups > 1 needs logits_to_keep = T (the completion)")
+            batch = {"input_ids": full_ids, "attention_mask": attention_mask,
+                     "pixel_values": inputs["pixel_values"],
+                     "image_grid_thw": inputs["image_grid_thw"]}  # fmt: skip
+            hidden = shared_prompt_forward(
+                mllm.model, batch, prompt_groups, L - logits_to_keep, inputs_embeds, position_ids
+            )  # (B, L+M, C), after the final RMSNorm
+        else:
+            hidden = mllm.model(
+                input_ids=full_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"],
+                use_cache=False,
+            ).last_hidden_state  # (B, L+M, C), after the final RMSNorm
         logits = None
         if logits_to_keep > 0:
             # the state at column j predicts token j+1: columns L-T-1 .. L-2 predict L-T .. L-1

@@ -18,7 +18,8 @@ Padding holes in the middle are harmless: the attention mask hides them and Qwen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from transformers import (
     AutoConfig,
     AutoProcessor,
     BatchFeature,
+    DynamicCache,
     PreTrainedModel,
     ProcessorMixin,
     Qwen2_5_VLForConditionalGeneration,
@@ -240,6 +242,115 @@ def completion_batch(
     return BatchFeature({k: v for k, v in batch.items() if k != "labels"})
 
 
+def shared_prompt_forward(
+    vlm: PreTrainedModel,
+    inputs: Mapping[str, torch.Tensor],
+    group_size: int,
+    prompt_length: int,
+    inputs_embeds: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`vlm(**inputs).last_hidden_state` (N, L, C), computing each prompt ONCE per group.
+
+    The N = P*G rows come in groups of G = group_size rows (a1..aG, b1..bG, ...) that share
+    their first `prompt_length` columns: the prompt, image included (`completion_batch`'s
+    layout). vlm is the MLLM's `model` (vision tower + language model, no lm_head); inputs is
+    the batch the plain forward takes (input_ids, attention_mask, mm_token_type_ids,
+    pixel_values, image_grid_thw of all N rows, one image per row); inputs_embeds (N, L, C) and
+    position_ids (3, N, L) as the plain call (None: the token embeddings / `get_rope_index`).
+
+        1. prefix   the P prompts (rows 0, G, 2G, ...) through the vision tower and the language
+                    model, which keeps every layer's keys and values (a KV cache)
+        2. expand   the cache repeated G times along the batch (repeat_interleave: a a b b, the
+                    rows' order); autograd sees it, so the gradients of all G rows flow back,
+                    summed, into the one prefix computation (vision tower included)
+        3. suffix   the other columns of the N rows attend to the cached prompt and to
+                    themselves, with the whole (N, L) attention mask and their own positions
+
+    Exact, because attention is causal: a prompt column never attends to the columns after it,
+    so its states do not depend on the completion, and the plain forward computes the same
+    prompt G times. The positions are those of the whole rows (mRoPE gives the image tokens 3-D
+    positions and numbers the text after them on from there), cut in two, so every column
+    sees the positions it has in the plain forward.
+    """
+    G, Lp = group_size, prompt_length
+    ids, mask, grid = inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"]
+    N = len(ids)
+    if N % G or len(grid) != N:
+        raise ValueError(f"{N} rows and {len(grid)} images do not make groups of {G}")
+    firsts = slice(None, None, G)  # the first row of each group: (P, ...)
+    for columns in (ids[:, :Lp], mask[:, :Lp]):
+        if not torch.equal(columns, columns[firsts].repeat_interleave(G, dim=0)):
+            raise ValueError(f"rows of a group of {G} do not share their first {Lp} columns")
+    language_model = getattr(vlm, "language_model", vlm)  # (the vision tower takes no cache)
+    checkpointed = [getattr(m, "gradient_checkpointing", False) for m in language_model.modules()]
+    if vlm.training and torch.is_grad_enabled() and any(checkpointed):
+        raise ValueError(
+            "share_prompt needs the KV cache, which transformers drops under "
+            "gradient_checkpointing: turn one of the two settings off"
+        )
+    if inputs_embeds is None:
+        inputs_embeds = vlm.get_input_embeddings()(ids)  # (N, L, C)
+    if position_ids is None:
+        position_ids, _ = vlm.get_rope_index(
+            ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=grid,
+            attention_mask=mask,
+        )  # (3, N, L)  # fmt: skip
+    patches = torch.split(inputs["pixel_values"], grid.prod(-1).tolist())  # one per image
+    cache = DynamicCache(config=vlm.config)
+    cache_arg = {_cache_keyword(vlm): cache}
+    prefix = vlm(
+        input_ids=ids[firsts, :Lp], inputs_embeds=inputs_embeds[firsts, :Lp],
+        attention_mask=mask[firsts, :Lp], position_ids=position_ids[:, firsts, :Lp],
+        pixel_values=torch.cat(patches[firsts]), image_grid_thw=grid[firsts], use_cache=True,
+        **cache_arg,
+    ).last_hidden_state  # (P, Lp, C)  # fmt: skip
+    cache.batch_repeat_interleave(G)  # every layer's keys and values: (P, ...) -> (N, ...)
+    suffix = vlm(
+        inputs_embeds=inputs_embeds[:, Lp:], attention_mask=mask,
+        position_ids=position_ids[:, :, Lp:], use_cache=True, **cache_arg,
+    ).last_hidden_state  # (N, L - Lp, C)  # fmt: skip
+    return torch.cat([prefix.repeat_interleave(G, dim=0), suffix], dim=1)  # (N, L, C)
+
+
+@torch.no_grad()
+def shared_prompt_prefill(model: PreTrainedModel, prompt: BatchFeature, group_size: int) -> dict:
+    """The inputs of `model.generate` for G = group_size samples of each of P prompts, with each
+    prompt's prefill computed ONCE instead of G times.
+
+    Every prompt column but the last goes through the model for the P prompts (image included,
+    keeping a KV cache); the cache is repeated G times (rows a1..aG, b1..bG, ...); generate then
+    starts from the last prompt token of the P*G rows (it needs one token that is not cached
+    yet). The tokens it adds are numbered by Qwen's `rope_deltas` (text after the image counts
+    on from the image's positions), set here for the P*G rows. The same tokens as
+    `model.generate(**prompt, num_return_sequences=G)` for the same seed: attention is causal,
+    so the prompt's keys and values do not depend on what is sampled after it.
+    """
+    G, vlm = group_size, model.model
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
+    positions, deltas = vlm.get_rope_index(
+        ids, mm_token_type_ids=prompt["mm_token_type_ids"],
+        image_grid_thw=prompt["image_grid_thw"], attention_mask=mask,
+    )  # (3, P, Lp), (P, 1)  # fmt: skip
+    cache = DynamicCache(config=model.config)
+    vlm(
+        input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[..., :-1],
+        pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
+        use_cache=True, **{_cache_keyword(vlm): cache},
+    )  # fmt: skip
+    cache.batch_repeat_interleave(G)  # (P, ...) -> (P*G, ...)
+    vlm.rope_deltas = deltas.repeat_interleave(G, dim=0)  # (P*G, 1), read by generate
+    rows = {k: prompt[k].repeat_interleave(G, dim=0) for k in ("input_ids", "attention_mask")}
+    return rows | {_cache_keyword(model): cache}
+
+
+def _cache_keyword(vlm: PreTrainedModel) -> str:
+    """The name of the KV-cache argument: `cache` in recent transformers, `past_key_values`
+    before it was renamed."""
+    parameters = inspect.signature(vlm.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1 for completion tokens up to and including the first EOS, 0 after it.
 
@@ -284,6 +395,7 @@ def generate(
     top_p: float = 0.9,
     top_k: int = 50,
     num_return_sequences: int = 1,
+    share_prompt: bool = False,
 ) -> Generation:
     """Eq. 1: P_CoT, P_box = pi_mllm.generate(p_sys, T, I), for a batch, G samples per prompt.
 
@@ -293,17 +405,22 @@ def generate(
     The image / video placeholder tokens are never generated: the forward over prompt +
     completion counts them to place image features, and a sampled one would claim features
     no image has (an untrained policy does sample them).
+    `share_prompt`: the prompts' prefill is computed once per prompt, not once per sample
+    (`shared_prompt_prefill`); the same tokens for the same seed.
     """
     tokenizer = processor.tokenizer
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     placeholders = tokenizer.convert_tokens_to_ids(PLACEHOLDER_TOKENS)
     prompt = build_inputs(processor, images, queries).to(model.device)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    inputs, copies = dict(prompt), num_return_sequences
+    if share_prompt and num_return_sequences > 1:
+        inputs, copies = shared_prompt_prefill(model, prompt, num_return_sequences), 1
     out = model.generate(
-        **prompt,
+        **inputs,
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        num_return_sequences=num_return_sequences,
+        num_return_sequences=copies,
         eos_token_id=eos_id,
         pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=placeholders,

@@ -191,13 +191,15 @@ class LensModel(nn.Module):
         temperature: float = 0.9,
         top_p: float = 0.9,
         top_k: int = 50,
+        share_prompt: bool = False,
     ) -> Rollouts:
         """Chain of thought + box for each (image, text); G = group_size samples per prompt in
-        ONE batched generate call. Greedy unless `do_sample`. Boxes come back in original pixels."""
+        ONE batched generate call. Greedy unless `do_sample`. Boxes come back in original pixels.
+        share_prompt: each prompt's prefill once for its G samples (the same tokens)."""
         gen = mllm_lib.generate(
             self.mllm, self.processor, images, texts, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            num_return_sequences=group_size,
+            num_return_sequences=group_size, share_prompt=share_prompt,
         )  # fmt: skip
         sizes = mllm_input_sizes(gen.prompt["image_grid_thw"])
         boxes = []
@@ -222,18 +224,23 @@ class LensModel(nn.Module):
         group_size: int = 1,
         boxes: Sequence[Box | None] | None = None,
         features: SamFeatures | None = None,
+        share_prompt: bool = False,
     ) -> LensOutput:
         """One MLLM forward over prompt + completion + queries, then connector and SAM.
 
         images, texts:   P prompts. completion_ids / mask: (P*G, T), G = group_size rows per
         prompt (a GRPO group), right-padded. boxes: P*G boxes in original pixels for SAM's box
         prompt (used only when cfg.box_prompt). features: SAM features of the P images if the
-        caller has them (else `sam.encode`, which caches).
+        caller has them (else `sam.encode`, which caches). share_prompt: compute each prompt
+        (image included) once for its G rows (`lenslib.mllm.shared_prompt_forward`), not G times.
         """
         batch = mllm_lib.completion_batch(
             self.processor, images, texts, completion_ids, completion_mask, group_size
         ).to(self.device)
-        readout = self.queries(self.mllm, batch, logits_to_keep=completion_ids.shape[1])
+        readout = self.queries(
+            self.mllm, batch, logits_to_keep=completion_ids.shape[1],
+            prompt_groups=group_size if share_prompt else 1,
+        )  # fmt: skip
         # the MLLM may run in bf16 and the connector in fp32 (or all in bf16 under DeepSpeed)
         q_seg = self.connector(readout.queries.to(self.connector.proj[0].weight.dtype))
         mask_logits = self.segment_from_prompts(images, q_seg, group_size, boxes, features)

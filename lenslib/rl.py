@@ -25,6 +25,17 @@ sum to the unsplit one: the same gradient (within float rounding) for a fraction
 activations. Gradient checkpointing (`gradient_checkpointing`, `LoopConfig`) trades compute
 for memory once more.
 
+Prompt sharing (`share_prompt`): steps 1-3 normally repeat each prompt (system + image +
+question) for its G rollouts, so the prompt's tokens (and in steps 2-3 the vision tower) are
+computed G times per pass. With the option, each prompt goes through the model once, its keys
+and values (a KV cache) are repeated for its G completions, and only the completions (and the
+queries) are computed per rollout (`lenslib.mllm.shared_prompt_prefill` for the rollouts,
+`shared_prompt_forward` for the reference and the policy). Attention is causal, so the numbers
+are the same (rollouts, log-probs, masks, gradients, within float rounding); the prompt's compute
+and activations shrink G times, for the price of a second, small forward call. It needs the KV
+cache, so it cannot be combined with gradient checkpointing, and a micro-batch that cuts a
+group shares nothing.
+
 With one update per batch of rollouts (as here and in the paper), the "old" policy equals the
 current one, so the ratio is exactly 1 and clipping never bites; `grpo_loss` still computes
 the full eq. 8 so that the same code serves several updates per batch.
@@ -44,7 +55,7 @@ from accelerate import Accelerator
 from lenslib import grpo
 from lenslib.data.sample import SegSample
 from lenslib.losses import LossKind
-from lenslib.mllm import completion_batch
+from lenslib.mllm import completion_batch, shared_prompt_forward
 from lenslib.model import LensModel
 from lenslib.rewards import RewardWeights, box_reward, format_reward, seg_reward, unified_reward
 from lenslib.settings import setting
@@ -108,6 +119,20 @@ class GRPOConfig(LoopConfig):
         "rollouts per forward/backward on a process, gradients accumulated over the step's "
         "rollouts (None: all in one forward, the step's masks and log-probs from one pass)",
     )
+    share_prompt: bool = setting(
+        False,
+        "compute each prompt (image included) once per group of G rollouts, its keys and values "
+        "reused by the G completions, when sampling and in the reference's and the policy's "
+        "forward: the same numbers for less compute (needs the KV cache: not with "
+        "gradient_checkpointing)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.share_prompt and self.gradient_checkpointing:
+            raise ValueError(
+                "share_prompt needs the KV cache, which transformers drops under "
+                "gradient_checkpointing: turn one of the two settings off"
+            )
 
 
 def frozen_reference(model: LensModel, accelerator: Accelerator | None = None) -> torch.nn.Module:
@@ -162,7 +187,8 @@ def reference_logprobs(
 
     Run before the policy's forward (no policy graph is alive yet), without gradients, in the
     reference's own dtype (bf16 at full scale), `cfg.rollout_micro_batch` rows at a time; only
-    `grpo.token_logprobs`'s pieces are ever fp32."""
+    `grpo.token_logprobs`'s pieces are ever fp32. With `cfg.share_prompt`, each prompt once per
+    group (`shared_prompt_forward`), unless a micro-batch cuts a group (then nothing is shared)."""
     T = completion_ids.shape[1]
     pieces = []
     for start, stop in row_chunks(len(completion_ids), cfg.rollout_micro_batch):
@@ -170,10 +196,17 @@ def reference_logprobs(
         batch = completion_batch(
             lens.processor, images, texts, completion_ids[start:stop],
             completion_mask[start:stop], g,
-        )  # fmt: skip
-        logits = ref(**{k: v.to(lens.device) for k, v in batch.items()}, logits_to_keep=T + 1)
+        ).to(lens.device)  # fmt: skip
+        if cfg.share_prompt and g > 1:
+            mllm = getattr(ref, "module", ref)  # (a DeepSpeed engine holds the MLLM in .module)
+            L = batch["input_ids"].shape[1]
+            hidden = shared_prompt_forward(mllm.model, batch, g, L - T)  # (n, L, C)
+            logits = mllm.lm_head(hidden[:, L - T - 1 : L - 1])  # (n, T, V)
+            del hidden
+        else:
+            logits = ref(**batch, logits_to_keep=T + 1).logits[:, :-1]  # (n, T, V)
         ids = completion_ids[start:stop].to(lens.device)
-        pieces.append(grpo.token_logprobs(logits.logits[:, :-1], ids, cfg.temperature))
+        pieces.append(grpo.token_logprobs(logits, ids, cfg.temperature))
         del logits
     return torch.cat(pieces)
 
@@ -242,6 +275,7 @@ def grpo_step(
         rollouts = lens.generate(
             images, texts, group_size=G, max_new_tokens=cfg.max_new_tokens, do_sample=True,
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            share_prompt=cfg.share_prompt,
         )  # fmt: skip
     ids, mask = rollouts.completion_ids, rollouts.completion_mask  # (P*G, T)
     clock.append(time.perf_counter())
@@ -260,7 +294,7 @@ def grpo_step(
     def forward(start: int, stop: int):
         part_images, part_texts, g = rows_inputs(samples, start, stop, G)
         return model(part_images, part_texts, ids[start:stop], mask[start:stop], group_size=g,
-                     boxes=rollouts.boxes[start:stop])  # fmt: skip
+                     boxes=rollouts.boxes[start:stop], share_prompt=cfg.share_prompt)  # fmt: skip
 
     out = None
     if len(chunks) == 1:

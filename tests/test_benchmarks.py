@@ -15,6 +15,7 @@ def test_there_are_benchmarks() -> None:
         "stage1_cache",
         "stage2_recipes",
         "full_scale_memory",
+        "trl_side_by_side",
     }
 
 
