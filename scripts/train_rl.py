@@ -25,6 +25,8 @@ resume = args.resume
 cpu = args.cpu
 
 # --- notebook cell 3 ---
+# NBVAL_IGNORE_OUTPUT
+# (run on its own, without notebook 03's model, stage 1 runs first here and says so)
 import torch
 
 from lenslib.evaluate import evaluate

@@ -140,7 +140,7 @@ def test_a_preset_nests_each_stages_settings_and_routes_changes_by_name():
     preset = get_preset("toy", "align", eval_samples=3)
     align = preset.align
     assert (align.epochs, align.batch_size, align.lr) == (3, 16, 3e-4)
-    assert (align.max_new_tokens, align.eval_samples, align.eval_every) == (48, 3, 64)
+    assert (align.max_new_tokens, align.eval_samples, align.eval_every) == (96, 3, 64)
     assert preset.rl.eval_samples == 128  # a change for stage 1 leaves stage 2 alone
     rl = get_preset("full", reward_weights=(0.0, 1.0, 0.0)).rl
     assert (rl.epochs, rl.batch_size, rl.group_size, rl.lr, rl.beta) == (16, 64, 8, 3e-6, 0.04)
