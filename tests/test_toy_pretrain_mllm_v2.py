@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from lenslib.presets import get_preset
 from lenslib.toy import ToyWorld, ToyWorldConfig, toy_corpus
 from lenslib.toy.models import (
     ASSET_DIRS,
@@ -100,5 +101,7 @@ def test_load_bases_knows_the_v2_assets():
         pytest.skip("world v2 base models not written yet")
     mllm, processor, sam = load_bases(version=2)
     assert toy_mllm_world(mllm_dir).config == V2
+    # the toy preset trains LENS on exactly the world these bases were pretrained on
+    assert get_preset("toy").toy_world == V2
     assert processor.tokenizer.convert_tokens_to_ids(" ring") != processor.tokenizer.unk_token_id
     assert sam.prompt_dim == 128 and not mllm.training
