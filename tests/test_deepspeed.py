@@ -95,13 +95,18 @@ def test_the_saved_model_reloads_and_draws_the_in_memory_models_masks(launched):
     with torch.no_grad():
         out_ = model.forward_answers([s.image for s in samples], [s.text for s in samples], answers)
     # bf16 compute: ZeRO-3 runs its own linear (zero.Init patches F.linear), so the logits may
-    # differ by a bf16 rounding step (1/8 at |logit| ~ 16); ZeRO-2's are bit for bit the same
+    # differ by the bf16 rounding carried through the network: at most four steps at the scale
+    # of the largest logit (bf16 keeps 8 significant bits: a step is 1/8 at 16, 1/2 at 64), under
+    # half a step on average, a few pixels near 0 flipping sign; ZeRO-2's are bit for bit the same
     reloaded, expected = out_.mask_logits.float(), saved["mask_logits"]
     diff = (reloaded - expected).abs()
     agree = ((reloaded > 0) == (expected > 0)).float().mean().item()
     if name == "zero2":
         assert torch.equal(reloaded, expected), (diff.max(), agree)
-    assert diff.max() <= 0.25 and diff.mean() < 0.05 and agree > 0.995, (diff.max(), agree)
+    scale = expected.abs().max()
+    assert diff.max() <= scale * 2**-5 and diff.mean() <= scale * 2**-8 and agree > 0.995, (
+        diff.max(), scale, agree,
+    )  # fmt: skip
 
 
 def test_both_stages_train_in_pure_bf16_without_autocast(tmp_path):
