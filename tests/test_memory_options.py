@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.toy_rl import policy_and_reference
 
 from lenslib import grpo
 from lenslib.presets import build_lens, get_preset, toy_split
-from lenslib.rl import GRPOConfig, frozen_reference, grpo_step, row_chunks, train_grpo
+from lenslib.rl import GRPOConfig, grpo_step, row_chunks, train_grpo
 from lenslib.sam_features import FeatureCache, SamFeatures
 from lenslib.training import (
     LoopConfig,
@@ -110,14 +111,7 @@ class NoSchedule:
 @pytest.fixture(scope="module")
 def toy_rl():
     preset = get_preset("toy", num_queries=4)
-    torch.manual_seed(0)
-    model = build_lens(preset)  # the committed toy bases: real answers, boxes, advantages
-    ref = frozen_reference(model)
-    with torch.no_grad():  # a reference unlike the policy: the KL term has a gradient too
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    model.set_stage("rl")
-    model.train()
+    model, ref = policy_and_reference(preset)
     return model, ref, toy_split(preset, "train", 3), make_accelerator(True)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.toy_rl import policy_and_reference
 from transformers import DynamicCache
 
 import lenslib.context as context
@@ -191,14 +192,7 @@ def test_a_shared_prefill_samples_the_same_rollouts(monkeypatch):
 def _trained_params(share: bool):
     """The parameters after one `grpo_step` (AdamW) from the committed toy bases."""
     preset = get_preset("toy", num_queries=4)
-    torch.manual_seed(0)
-    model = build_lens(preset)  # real answers, boxes and advantages
-    ref = frozen_reference(model)
-    with torch.no_grad():  # a reference unlike the policy: the KL term has a gradient too
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    model.set_stage("rl")
-    model.train()
+    model, ref = policy_and_reference(preset)
     # R_seg thresholds mask logits at 0, where float noise may flip a pixel: left out of the
     # reward here (the masks are still drawn, and L_seg's gradient is in the step)
     cfg = GRPOConfig(group_size=G, max_new_tokens=48, beta=0.04, output_dir="unused",
