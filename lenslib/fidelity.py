@@ -46,7 +46,7 @@ from lenslib.metrics import IoUAccumulator
 from lenslib.model import LensModel, Rollouts
 from lenslib.pipeline import train_stage
 from lenslib.presets import Preset, build_lens, toy_split
-from lenslib.tables import QUIET, box_prompt_baseline, sam_box_masks
+from lenslib.tables import QUIET, box_prompt_baseline, sam_box_masks, short_alignment
 from lenslib.toy.rationales import names_target
 from lenslib.training import ground_truth_answer, save_model, take
 
@@ -131,11 +131,7 @@ def continue_alignment(
     model: LensModel, preset: Preset, steps: int, accelerator: Accelerator, out: Path
 ) -> None:
     """The control: stage 1 (eq. 5) run `steps` more steps on `model`, with a fresh schedule."""
-    epochs = max(1, -(-steps * preset.align.batch_size // preset.toy_train_size))
-    quiet = preset.override(
-        "align", epochs=epochs, max_steps=steps, output_dir=str(out), **QUIET
-    )  # fmt: skip
-    train_stage(model, quiet, "align", accelerator)
+    train_stage(model, short_alignment(preset, steps, out), "align", accelerator)
 
 
 def run_seed(

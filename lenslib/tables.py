@@ -70,13 +70,17 @@ class TableConfig:
 QUIET = dict(eval_every=0, eval_at_end=False, checkpoint_every=0)  # rows are scored on testA
 
 
+def short_alignment(preset: Preset, steps: int, out: Path) -> Preset:
+    """`preset` with stage 1 (eq. 5) cut to `steps` optimiser steps (enough epochs for them),
+    saving to `out`, without validation or checkpoints."""
+    epochs = max(1, -(-steps * preset.align.batch_size // preset.toy_train_size))
+    return preset.override("align", epochs=epochs, max_steps=steps, output_dir=str(out), **QUIET)
+
+
 def aligned(preset: Preset, cfg: TableConfig, accelerator: Accelerator, out: Path) -> LensModel:
     """A fresh LENS model of `preset` after `cfg.align_steps` steps of stage 1 (eq. 5)."""
     torch.manual_seed(cfg.seed)
-    epochs = max(1, -(-cfg.align_steps * preset.align.batch_size // preset.toy_train_size))
-    preset = preset.override(
-        "align", epochs=epochs, max_steps=cfg.align_steps, output_dir=str(out), **QUIET
-    )
+    preset = short_alignment(preset, cfg.align_steps, out)
     model = build_lens(preset, device=accelerator.device)
     return run_pipeline(preset, accelerator, stages=("align",), model=model)[0]
 
