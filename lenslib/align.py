@@ -72,7 +72,9 @@ def align_step(
     answers = [ground_truth_answer(lens, s) for s in samples]
     ids, mask = tokenize_completions(lens.processor, answers)  # (B, T)
     # 2. prompt + answer + queries -> MLLM -> connector -> SAM (eqs. 2-4)
-    out = model([s.image for s in samples], [s.text for s in samples], ids, mask)
+    images = [s.image for s in samples]
+    boxes = lens.answer_boxes(images, answers) if lens.cfg.box_prompt else None
+    out = model(images, [s.text for s in samples], ids, mask, boxes=boxes)
     # 3. segmentation loss against the ground-truth masks (eq. 5)
     loss = mean_seg_loss(out.mask_logits, target_masks(samples, accelerator.device), loss_kind)
     accelerator.backward(loss)

@@ -202,13 +202,30 @@ class LensModel(nn.Module):
             num_return_sequences=group_size, share_prompt=share_prompt,
         )  # fmt: skip
         sizes = mllm_input_sizes(gen.prompt["image_grid_thw"])
+        boxes = self.answer_boxes(images, gen.texts, group_size, sizes)
+        return Rollouts(gen.completion_ids, gen.completion_mask, gen.texts, boxes, group_size)
+
+    def answer_boxes(
+        self,
+        images: Sequence[np.ndarray],
+        texts: Sequence[str],
+        group_size: int = 1,
+        mllm_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[Box | None]:
+        """The box of each answer (G = group_size per image) in ORIGINAL pixels, None where
+        it has none. mllm_sizes: each image's (H', W') as the MLLM saw it (default: the
+        processor's resize of the image)."""
         boxes = []
-        for row, text in enumerate(gen.texts):
+        for row, text in enumerate(texts):
             image = images[row // group_size]
-            orig, seen = image.shape[:2], sizes[row // group_size]
+            orig = image.shape[:2]
+            seen = (
+                mllm_sizes[row // group_size] if mllm_sizes is not None
+                else mllm_image_size(self.processor, *orig)
+            )  # fmt: skip
             box = parse_answer(text, image_size=(seen[1], seen[0])).box
             boxes.append(None if box is None else to_original_frame(box, seen, orig))
-        return Rollouts(gen.completion_ids, gen.completion_mask, gen.texts, boxes, group_size)
+        return boxes
 
     # ---------------------------------------------------------------- eqs. 2-4: segmentation
     def forward(self, *args, **kwargs) -> LensOutput:
@@ -284,9 +301,11 @@ class LensModel(nn.Module):
     def forward_answers(
         self, images: Sequence[np.ndarray], texts: Sequence[str], answers: Sequence[str]
     ) -> LensOutput:
-        """Teacher forcing (stage 1, eq. 5): the given answers as the assistant turns."""
+        """Teacher forcing (stage 1, eq. 5): the given answers as the assistant turns (and,
+        with cfg.box_prompt, their boxes as SAM's box prompts)."""
         ids, mask = mllm_lib.tokenize_completions(self.processor, answers)
-        return self.forward_completions(images, texts, ids, mask)
+        boxes = self.answer_boxes(images, answers) if self.cfg.box_prompt else None
+        return self.forward_completions(images, texts, ids, mask, boxes=boxes)
 
     @torch.no_grad()
     def predict(

@@ -3,11 +3,14 @@ freezing per stage, save / load."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from lenslib import grpo
+from lenslib.align import align_step
 from lenslib.mllm import tokenize_completions
 from lenslib.model import LensConfig, LensModel, to_mllm_frame, to_original_frame
 from lenslib.prompts import format_answer
@@ -15,6 +18,7 @@ from lenslib.sam import SamSegmenter
 from lenslib.toy import ToyWorld, toy_corpus
 from lenslib.toy.models import build_toy_mllm, toy_sam_config
 from lenslib.toy.tokenizer import build_toy_tokenizer
+from lenslib.training import ground_truth_answer, make_accelerator
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +130,29 @@ def test_connector_settings_survive_save_and_load(model, tmp_path):
     block = LensModel.from_pretrained(tmp_path / "m").connector.blocks[0]
     assert block.norm1.eps == 1e-6 and block.self_attn.num_heads == 2
     assert block.activation.__name__ == "quick_gelu"
+
+
+def test_box_prompt_gives_sam_the_answers_own_box_in_teacher_forcing(model, samples, monkeypatch):
+    """With cfg.box_prompt, stage 1 and `forward_answers` prompt SAM with each answer's box."""
+    monkeypatch.setattr(model, "cfg", replace(model.cfg, box_prompt=True))
+    given = []
+    decode = model.sam.decode
+    monkeypatch.setattr(
+        model.sam, "decode", lambda *a, **k: given.append(k["boxes"]) or decode(*a, **k)
+    )
+    images, texts = [s.image for s in samples], [s.text for s in samples]
+    answers = [ground_truth_answer(model, s) for s in samples]
+    truth = torch.tensor([s.box for s in samples], dtype=torch.float32)
+    model.forward_answers(images, texts, answers)
+    assert given[-1] is not None and torch.allclose(given[-1], truth, atol=1.0)
+    # one optimiser step of stage 1 (eq. 5) prompts SAM with the same boxes
+    model.set_stage("align")
+    optimizer = torch.optim.SGD(model.queries.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    align_step(model, samples, make_accelerator(cpu=True), optimizer, scheduler)
+    assert torch.allclose(given[-1], truth, atol=1.0)
+    # without the option SAM gets no box
+    monkeypatch.setattr(model, "cfg", replace(model.cfg, box_prompt=False))
+    model.forward_answers(images, texts, answers)
+    assert given[-1] is None
+    model.set_stage("eval")
