@@ -46,7 +46,7 @@ from lenslib.metrics import IoUAccumulator
 from lenslib.model import LensModel, Rollouts
 from lenslib.pipeline import train_stage
 from lenslib.presets import Preset, build_lens, toy_split
-from lenslib.tables import QUIET, box_prompt_baseline, sam_box_masks, short_alignment
+from lenslib.tables import QUIET, box_prompt_baseline, mean_std, sam_box_masks, short_alignment
 from lenslib.toy.rationales import names_target
 from lenslib.training import ground_truth_answer, save_model, take
 
@@ -201,11 +201,6 @@ def run_seed(
     result["done"] = True
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def merge(seeds: Sequence[dict]) -> dict:

@@ -15,13 +15,16 @@ the toy testA split (the paper: RefCOCO testA):
   The seg loss (alpha, eq. 12) stays on in every GRPO row; only the rewards change.
 
 The toy runs are a few hundred steps on a CPU, so read the toy numbers for their ORDER, not
-their size; `paper_rows` puts the paper's numbers beside them. One seed per row: differences
-of a point or two are noise.
+their size; the paper's numbers stand beside them. Every row is trained once per seed s (a
+fresh draw of the toy world and of the context module's first weights, `preset.init_seed = s`,
+and torch's seed s) and reported as mean and sample std over the seeds; out/tables_seed_<s>.json
+keeps each seed's rows as they finish, so an interrupted run resumes at the next row.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +40,7 @@ from lenslib.metrics import IoUAccumulator
 from lenslib.model import LensModel
 from lenslib.pipeline import run_pipeline
 from lenslib.presets import Preset, build_lens, toy_split
-from lenslib.training import take
+from lenslib.training import save_model, take
 
 # the results of `scripts/reproduce_tables.py --preset toy`, committed (notebook 06 reads them)
 COMMITTED_RESULTS = Path(__file__).parent / "assets" / "tables" / "tables.json"
@@ -61,10 +64,10 @@ class TableConfig:
     align_steps: int = 256
     rl_steps: int = 40
     eval_split: str = "testA"
-    eval_samples: int = 64
+    eval_samples: int = 256
     query_counts: tuple[int, ...] = (1, 16, 32, 64, 128)
     connectors: tuple[str, ...] = ("mlp", "vit")
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
 QUIET = dict(eval_every=0, eval_at_end=False, checkpoint_every=0)  # rows are scored on testA
@@ -77,9 +80,11 @@ def short_alignment(preset: Preset, steps: int, out: Path) -> Preset:
     return preset.override("align", epochs=epochs, max_steps=steps, output_dir=str(out), **QUIET)
 
 
-def aligned(preset: Preset, cfg: TableConfig, accelerator: Accelerator, out: Path) -> LensModel:
+def aligned(
+    preset: Preset, cfg: TableConfig, seed: int, accelerator: Accelerator, out: Path
+) -> LensModel:
     """A fresh LENS model of `preset` after `cfg.align_steps` steps of stage 1 (eq. 5)."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     preset = short_alignment(preset, cfg.align_steps, out)
     model = build_lens(preset, device=accelerator.device)
     return run_pipeline(preset, accelerator, stages=("align",), model=model)[0]
@@ -90,12 +95,13 @@ def reinforced(
     preset: Preset,
     weights: tuple[float, float, float],
     cfg: TableConfig,
+    seed: int,
     accelerator: Accelerator,
     out: Path,
 ) -> LensModel:
     """`model` after `cfg.rl_steps` GRPO steps (eqs. 6-12) with reward weights
     (lambda_format, lambda_box, lambda_seg) of eq. 11."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     preset = preset.override(
         "rl", epochs=1, reward_weights=weights, max_steps=cfg.rl_steps, output_dir=str(out),
         **QUIET,
@@ -142,46 +148,107 @@ def ciou(model: LensModel, samples: Sequence[SegSample], preset: Preset) -> floa
     return 100 * evaluate(model, samples, max_new_tokens=preset.max_completion_length)["ciou"]
 
 
+def run_seed(
+    preset: Preset, cfg: TableConfig, seed: int, out: str | Path, accelerator: Accelerator
+) -> dict[str, dict[str, float]]:
+    """Every row for one seed: {table: {row: cIoU %}}. Writes out/tables_seed_<seed>.json after
+    each row and skips the rows already in it, so an interrupted seed resumes where it stopped.
+    The stage-1 model of the preset's own M and connector serves Tables 3, 4 and 5's aligned
+    rows (trained once, saved in out/seed_<seed>_aligned)."""
+    out = Path(out)
+    path = out / f"tables_seed_{seed}.json"
+    rows = json.loads(path.read_text())["tables"] if path.exists() else {t: {} for t in TITLES}
+    preset = preset.override(init_seed=seed)
+    test = take(toy_split(preset, cfg.eval_split, cfg.eval_samples), cfg.eval_samples)
+    own = (preset.lens.num_queries, preset.lens.connector_kind)
+    saved = out / f"seed_{seed}_aligned"
+
+    def record(table: str, name: str, value: float) -> None:
+        rows[table][name] = round(value, 2)
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seed": seed, "config": asdict(cfg), "tables": rows}, indent=2))
+        accelerator.print(f"seed {seed} {table}: {name}: {value:.1f}")
+
+    def stage1(m: int, kind: str) -> LensModel:
+        if (m, kind) == own and (saved / "lens_config.json").exists():
+            return LensModel.from_pretrained(saved, device=accelerator.device)
+        changed = preset.override(num_queries=m, connector_kind=kind)
+        model = aligned(changed, cfg, seed, accelerator, out / f"seed_{seed}_q{m}_{kind}")
+        if (m, kind) == own:
+            save_model(model, saved, accelerator)
+        return model
+
+    for m in cfg.query_counts:
+        if f"M = {m}" not in rows["table3"]:
+            record("table3", f"M = {m}", ciou(stage1(m, own[1]), test, preset))
+    for kind in cfg.connectors:
+        same = rows["table3"].get(f"M = {own[0]}") if kind == own[1] else None
+        if kind not in rows["table4"]:
+            value = same if same is not None else ciou(stage1(own[0], kind), test, preset)
+            record("table4", kind, value)
+    for i, (name, context, align, weights, _) in enumerate(TABLE5_ROWS):
+        if name in rows["table5"]:
+            continue
+        torch.manual_seed(seed)
+        if not context:
+            model = build_lens(preset, device=accelerator.device)
+            record(
+                "table5",
+                name,
+                100 * box_prompt_baseline(model, test, preset.max_completion_length)["ciou"],
+            )
+            continue
+        model = stage1(*own) if align else build_lens(preset, device=accelerator.device)
+        model = reinforced(
+            model, preset, weights, cfg, seed, accelerator, out / f"seed_{seed}_table5_{i}"
+        )
+        record("table5", name, ciou(model, test, preset))
+    return rows
+
+
+def merge(seeds: Sequence[dict], cfg: TableConfig) -> dict[str, list[dict]]:
+    """The per-seed rows gathered, in table order: {table: [{"row", "toy_ciou" (mean over
+    seeds), "toy_std" (sample std, 0 for one seed), "toy_per_seed", "seeds", "paper_ciou"}]}."""
+    names = {
+        "table3": [(f"M = {m}", PAPER_TABLE3.get(m)) for m in cfg.query_counts],
+        "table4": [(kind, PAPER_TABLE4.get(kind)) for kind in cfg.connectors],
+        "table5": [(row[0], row[4]) for row in TABLE5_ROWS],
+    }
+    seeds = sorted(seeds, key=lambda r: r["seed"])
+    results: dict[str, list[dict]] = {}
+    for table, table_rows in names.items():
+        results[table] = []
+        for name, paper in table_rows:
+            have = [r for r in seeds if name in r["tables"].get(table, {})]
+            if not have:
+                continue
+            values = [r["tables"][table][name] for r in have]
+            mean, std = mean_std(values)
+            results[table].append({
+                "row": name, "toy_ciou": round(mean, 1), "toy_std": round(std, 1),
+                "toy_per_seed": values, "seeds": [r["seed"] for r in have], "paper_ciou": paper,
+            })  # fmt: skip
+    return results
+
+
 def run_tables(
     preset: Preset, cfg: TableConfig, out: str | Path, accelerator: Accelerator
 ) -> dict[str, list[dict]]:
-    """Train and score every row; returns {"table3": rows, "table4": rows, "table5": rows},
-    each row {"row", "toy_ciou", "paper_ciou"}. Also writes out/tables.json after each row,
-    so a long run shows its progress."""
+    """Train and score every row for every seed of `cfg` (`run_seed`), then merge every seed
+    found in `out` (seeds run by other processes included) and write out/tables.json and
+    out/tables.md; returns the merged tables."""
     out = Path(out)
-    test = take(toy_split(preset, cfg.eval_split, cfg.eval_samples), cfg.eval_samples)
-    results: dict[str, list[dict]] = {"table3": [], "table4": [], "table5": []}
-
-    def record(table: str, row: str, toy: float, paper: float | None) -> None:
-        results[table].append({"row": row, "toy_ciou": round(toy, 1), "paper_ciou": paper})
-        accelerator.print(f"{table}: {row}: toy {toy:.1f}, paper {paper}")
-        save_results(results, cfg, out)
-
-    models: dict[tuple[int, str], float] = {}
-    for m in cfg.query_counts:
-        model = aligned(preset.override(num_queries=m), cfg, accelerator, out / f"q{m}")
-        models[(m, preset.lens.connector_kind)] = ciou(model, test, preset)
-        record("table3", f"M = {m}", models[(m, preset.lens.connector_kind)], PAPER_TABLE3.get(m))
-    for kind in cfg.connectors:
-        if (preset.lens.num_queries, kind) not in models:
-            changed = preset.override(connector_kind=kind)
-            model = aligned(changed, cfg, accelerator, out / f"connector_{kind}")
-            models[(preset.lens.num_queries, kind)] = ciou(model, test, preset)
-        record("table4", kind, models[(preset.lens.num_queries, kind)], PAPER_TABLE4.get(kind))
-    for i, (row, context, align, weights, paper) in enumerate(TABLE5_ROWS):
-        torch.manual_seed(cfg.seed)
-        if not context:
-            model = build_lens(preset, device=accelerator.device)
-            toy = 100 * box_prompt_baseline(model, test, preset.max_completion_length)["ciou"]
-        else:
-            if align:
-                model = aligned(preset, cfg, accelerator, out / f"table5_{i}_align")
-            else:
-                model = build_lens(preset, device=accelerator.device)
-            model = reinforced(model, preset, weights, cfg, accelerator, out / f"table5_{i}_rl")
-            toy = ciou(model, test, preset)
-        record("table5", row, toy, paper)
+    for seed in cfg.seeds:
+        run_seed(preset, cfg, seed, out, accelerator)
+    seeds = [json.loads(p.read_text()) for p in sorted(out.glob("tables_seed_*.json"))]
+    results = merge(seeds, cfg)
+    save_results(results, cfg, out)
     return results
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def save_results(results: dict[str, list[dict]], cfg: TableConfig, out: str | Path) -> Path:
@@ -210,12 +277,20 @@ TITLES = {
 
 
 def markdown(results: dict[str, list[dict]]) -> str:
-    """The three tables in Markdown, toy cIoU beside the paper's (— where it has none)."""
+    """The three tables in Markdown, toy cIoU (mean ± std over n seeds where there are
+    several) beside the paper's (— where it has none)."""
     parts = []
     for table, rows in results.items():
-        parts += [f"### {TITLES[table]}", "", "| row | toy | paper |", "|---|---:|---:|"]
+        parts += [
+            f"### {TITLES[table]}",
+            "",
+            "| row | toy | seeds | paper |",
+            "|---|---:|---:|---:|",
+        ]
         for r in rows:
             paper = "—" if r["paper_ciou"] is None else f"{r['paper_ciou']:.1f}"
-            parts.append(f"| {r['row']} | {r['toy_ciou']:.1f} | {paper} |")
+            n = len(r.get("seeds", [0]))
+            toy = f"{r['toy_ciou']:.1f}" + (f" ± {r['toy_std']:.1f}" if n > 1 else "")
+            parts.append(f"| {r['row']} | {toy} | {n} | {paper} |")
         parts.append("")
     return "\n".join(parts).rstrip()

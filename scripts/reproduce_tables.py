@@ -14,9 +14,9 @@ parser.add_argument('--output-dir', type=str, default='runs/toy/tables', help='t
 parser.add_argument('--experiments', nargs="+", type=str, default=['tables', 'fidelity'], choices=['tables', 'fidelity'], help='what to run (choices: tables, fidelity)')
 parser.add_argument('--align-steps', type=int, default=256, help='stage-1 steps of every row')
 parser.add_argument('--rl-steps', type=int, default=40, help='stage-2 steps of every Table 5 row')
-parser.add_argument('--eval-samples', type=int, default=64, help='testA samples each row is scored on')
+parser.add_argument('--eval-samples', type=int, default=256, help='testA samples each row is scored on')
 parser.add_argument('--query-counts', nargs="+", type=int, default=[1, 16, 32, 64, 128], help="Table 3's M values")
-parser.add_argument('--seeds', nargs="+", type=int, default=[0, 1, 2], help='fidelity experiments: one full run (world, stage 1, stage 2, control) per seed')
+parser.add_argument('--seeds', nargs="+", type=int, default=[0, 1, 2], help='one run per seed (a fresh world draw and context-module init) of every table row and of the fidelity experiments')
 parser.add_argument('--fidelity-samples', type=int, default=256, help='fidelity experiments: samples per split (val, ambiguous)')
 parser.add_argument('--fidelity-stage2', action=argparse.BooleanOptionalAction, default=True, help='fidelity experiments: also stage 2, its control and the misguided box (False: stage 1 only)')
 parser.add_argument('--train-rows', action=argparse.BooleanOptionalAction, default=True, help='train every row; False: read the committed results (lenslib/assets/tables)')
@@ -45,7 +45,7 @@ from lenslib.training import make_accelerator
 accelerator = make_accelerator(cpu=cpu)
 config = get_preset(preset)
 table_cfg = tables.TableConfig(align_steps=align_steps, rl_steps=rl_steps, eval_samples=eval_samples,
-                               query_counts=tuple(query_counts))
+                               query_counts=tuple(query_counts), seeds=tuple(seeds))
 fidelity_cfg = fidelity.FidelityConfig(seeds=tuple(seeds), samples=fidelity_samples, stage2=fidelity_stage2)
 results, fid = None, None
 if "tables" in experiments:
