@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +166,10 @@ def run_seed(
     def record(table: str, name: str, value: float) -> None:
         rows[table][name] = round(value, 2)
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seed": seed, "config": asdict(cfg), "tables": rows}, indent=2))
+        record_cfg = asdict(cfg) | {"seeds": [seed]}
+        path.write_text(
+            json.dumps({"seed": seed, "config": record_cfg, "tables": rows}, indent=2) + "\n"
+        )
         accelerator.print(f"seed {seed} {table}: {name}: {value:.1f}")
 
     def stage1(m: int, kind: str) -> LensModel:
@@ -242,7 +245,7 @@ def run_tables(
         run_seed(preset, cfg, seed, out, accelerator)
     seeds = [json.loads(p.read_text()) for p in sorted(out.glob("tables_seed_*.json"))]
     results = merge(seeds, cfg)
-    save_results(results, cfg, out)
+    save_results(results, replace(cfg, seeds=tuple(r["seed"] for r in seeds)), out)
     return results
 
 

@@ -49,6 +49,7 @@ def test_run_tables_fills_every_row_per_seed_with_the_papers_numbers_beside(tmp_
     assert trained == [1, 16, 16, 1, 16, 16]
     assert load_results(tmp_path / "tables.json") == results
     assert (tmp_path / "tables.md").read_text().count("| M = ") == 2
+    assert json.loads((tmp_path / "tables.json").read_text())["config"]["seeds"] == [0, 1]
     # a finished seed is not trained again: its rows are read back
     trained.clear()
     assert run_tables(preset, cfg, tmp_path, make_accelerator(cpu=True)) == results
