@@ -24,6 +24,10 @@ rationale settles on another shape than the target ("wrong name", what only RL c
 
 `run_seed` writes `seed_<s>.json` into the output folder as it goes; `merge` gathers the seeds
 into fidelity.json (`lenslib/assets/tables/fidelity.json` is the committed one).
+
+`reward_gaps` asks why stage 2 moves a model so little: do its sampled answers ever name the
+target when the greedy one does not (pass@G), and do the rewards pay the answers that name it
+more than those that do not (R_box and R_seg within the groups that hold both kinds)?
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from lenslib.metrics import IoUAccumulator
 from lenslib.model import LensModel, Rollouts
 from lenslib.pipeline import train_stage
 from lenslib.presets import Preset, build_lens, toy_split
+from lenslib.rl import score_rollouts
 from lenslib.tables import QUIET, box_prompt_baseline, mean_std, sam_box_masks, short_alignment
 from lenslib.toy.rationales import names_target
 from lenslib.training import ground_truth_answer, save_model, take
@@ -107,17 +112,65 @@ def misguided_box(
     return result
 
 
+def names(sample: SegSample, answer: str, preset: Preset) -> bool:
+    """Does `answer`'s rationale settle on the sample's target shape?"""
+    shapes, target = sample.meta["shapes"], sample.meta["target_index"]
+    return names_target(answer, shapes, target, preset.toy_world)
+
+
 def score(model: LensModel, samples: Sequence[SegSample], preset: Preset) -> dict[str, float]:
     """cIoU, gIoU, box IoU, format rate and the wrong-name share of greedy answers."""
     right = []
 
     def check(batch: Sequence[SegSample], rollouts: Rollouts) -> None:
-        for sample, text in zip(batch, rollouts.texts):
-            shapes, target = sample.meta["shapes"], sample.meta["target_index"]
-            right.append(names_target(text, shapes, target, preset.toy_world))
+        right.extend(names(sample, text, preset) for sample, text in zip(batch, rollouts.texts))
 
     metrics = evaluate(model, samples, max_new_tokens=preset.max_completion_length, on_batch=check)
     return metrics | {"wrong_name": 1.0 - sum(right) / max(len(right), 1)}
+
+
+@torch.no_grad()
+def reward_gaps(
+    model: LensModel, samples: Sequence[SegSample], preset: Preset, batch: int = 4
+) -> dict[str, float]:
+    """What GRPO (eqs. 6-11) has to learn from, per prompt: G sampled answers (the preset's
+    rollout settings) and the greedy one. Returns the share of greedy answers and of sampled
+    answers that name the target ("greedy", "one_sample"), of prompts where at least one of
+    the G does ("pass_at_g"), of groups holding both kinds ("mixed"), and over those mixed
+    groups the mean R_box / R_seg of the answers naming the target minus the others'
+    ("box_gap", "seg_gap": what each reward pays for naming the right shape)."""
+    if not samples:
+        raise ValueError("reward_gaps: no samples to score")
+    cfg, G = preset.rl, preset.rl.group_size
+    greedy, sampled, any_right, gaps = [], [], [], {"box": [], "seg": []}
+    for start in range(0, len(samples), batch):
+        part = samples[start : start + batch]
+        images, texts = [s.image for s in part], [s.text for s in part]
+        best = model.generate(images, texts, max_new_tokens=cfg.max_new_tokens)
+        greedy += [names(s, t, preset) for s, t in zip(part, best.texts)]
+        rollouts = model.generate(
+            images, texts, group_size=G, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        )  # fmt: skip
+        out = model(images, texts, rollouts.completion_ids, rollouts.completion_mask,
+                    group_size=G, boxes=rollouts.boxes)  # fmt: skip
+        rewards = score_rollouts(part, rollouts, out.mask_logits, cfg)
+        for i, sample in enumerate(part):
+            group = rollouts.texts[i * G : (i + 1) * G]
+            right = torch.tensor([names(sample, text, preset) for text in group])
+            sampled += right.tolist()
+            any_right.append(bool(right.any()))
+            if right.any() and not right.all():
+                for key in gaps:
+                    paid = rewards[key][i * G : (i + 1) * G]
+                    gaps[key].append(float(paid[right].mean() - paid[~right].mean()))
+    mixed = len(gaps["box"])
+    return {
+        "greedy": statistics.fmean(greedy), "one_sample": statistics.fmean(sampled),
+        "pass_at_g": statistics.fmean(any_right), "mixed": mixed / len(samples),
+        "box_gap": statistics.fmean(gaps["box"]) if mixed else math.nan,
+        "seg_gap": statistics.fmean(gaps["seg"]) if mixed else math.nan,
+    }  # fmt: skip
 
 
 def seg_zero_style(

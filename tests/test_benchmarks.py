@@ -16,6 +16,7 @@ def test_there_are_benchmarks() -> None:
         "stage2_recipes",
         "full_scale_memory",
         "trl_side_by_side",
+        "reward_gaps",
     }
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import lenslib.fidelity as fidelity
 from lenslib.fidelity import FidelityConfig, merge, misguided_box, run_fidelity, shifted_box
+from lenslib.model import Rollouts
 from lenslib.presets import build_lens, get_preset, toy_split
 from lenslib.toy.rationales import named_shape, names_target
 from lenslib.training import make_accelerator, take
@@ -114,3 +116,43 @@ def test_named_shape_reads_the_shape_a_rationale_settles_on():
     assert named_shape("<think>the large red ring, then the blue cross</think>", world) == (
         None, "blue", "cross",
     )  # fmt: skip
+
+
+class TwoKindsOfAnswer:
+    """A stand-in LENS model whose answers alternate "right", "wrong" within every call."""
+
+    def generate(self, images, texts, group_size=1, **_):
+        n = len(images) * group_size
+        answers = ["right" if row % 2 == 0 else "wrong" for row in range(n)]
+        ids = torch.zeros(n, 1, dtype=torch.long)
+        return Rollouts(ids, torch.ones_like(ids), answers, [None] * n, group_size)
+
+    def __call__(self, images, texts, ids, mask, group_size=1, boxes=None):
+        return SimpleNamespace(mask_logits=torch.zeros(len(ids), 4, 4))
+
+
+def test_reward_gaps_pays_the_right_answers_what_their_rewards_say(monkeypatch):
+    preset = get_preset("toy", group_size=4)
+    samples = take(toy_split(preset, "val", 3), 3)
+    monkeypatch.setattr(fidelity, "names", lambda sample, text, preset: text == "right")
+
+    def rewards(samples, rollouts, mask_logits, cfg):  # right answers: R_box 0.9, R_seg 0.3
+        right = torch.tensor([t == "right" for t in rollouts.texts]).float()
+        return {"box": 0.9 * right, "seg": 0.3 * right + 0.1}
+
+    monkeypatch.setattr(fidelity, "score_rollouts", rewards)
+    gaps = fidelity.reward_gaps(TwoKindsOfAnswer(), samples, preset, batch=2)
+    assert gaps["greedy"] == pytest.approx(2 / 3)  # rows right, wrong | right
+    assert gaps["one_sample"] == 0.5 and gaps["pass_at_g"] == 1.0 and gaps["mixed"] == 1.0
+    assert gaps["box_gap"] == pytest.approx(0.9) and gaps["seg_gap"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no samples"):
+        fidelity.reward_gaps(TwoKindsOfAnswer(), [], preset)
+
+
+def test_reward_gaps_on_a_real_tiny_model_are_shares():
+    preset = tiny_preset()
+    samples = take(toy_split(preset, "ambiguous", 2), 2)
+    torch.manual_seed(0)
+    gaps = fidelity.reward_gaps(build_lens(preset, "cpu", False), samples, preset)
+    assert all(0 <= gaps[k] <= 1 for k in ("greedy", "one_sample", "pass_at_g", "mixed"))
+    assert gaps["pass_at_g"] >= gaps["one_sample"] and gaps["pass_at_g"] >= gaps["mixed"]
