@@ -8,7 +8,8 @@
 Starts from a stage-1 model (made with the toy preset first if `--init` holds none), runs
 stage 2 (`lenslib.pipeline.train_stage`) with the toy preset changed by the flags (every
 stage-2 setting is a flag: `--help` lists them), and prints validation cIoU / gIoU / box IoU
-before and every `--eval-every` steps, plus 16-step means of the training rewards.
+before and every `--eval-every` steps, plus 16-step means of the training rewards; the final
+model is saved in `--output-dir`/final.
 `--max-steps` stops within the preset's one toy epoch (2048 samples / `--batch-size` steps).
 `--seed` sets stage 2's data order only (the toy world comes from `--init-seed`). One run per
 seed; compare recipes over several seeds (differences of 0.01-0.02 cIoU are seed noise at
@@ -18,6 +19,7 @@ this size).
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,7 +27,7 @@ from lenslib.evaluate import evaluate
 from lenslib.pipeline import aligned_model, train_stage
 from lenslib.presets import add_setting_flags, get_preset, toy_split
 from lenslib.settings import changed
-from lenslib.training import make_accelerator, take
+from lenslib.training import make_accelerator, save_model, take
 
 VAL_KEYS = ("ciou", "giou", "box_iou", "format_rate")
 REWARD_KEYS = ("reward", "reward_box", "reward_seg", "kl")
@@ -62,8 +64,10 @@ def main() -> None:
 
     train_stage(model, preset, "rl", accelerator, on_log=on_log)
     minutes = (time.perf_counter() - start) / 60
+    final = Path(cfg.output_dir) / "final"
+    save_model(model, final, accelerator)  # for benchmarks/reward_gaps.py --init
     where = f"{args.threads} thread(s), {platform.processor() or platform.machine()}"
-    print(f"{len(rows)} steps in {minutes:.1f} min on {where}")
+    print(f"{len(rows)} steps in {minutes:.1f} min on {where}; final model in {final}")
 
 
 if __name__ == "__main__":
